@@ -1,0 +1,557 @@
+"""MNIST-format data: IDX files, finding and downloading them, a Dataset view and a fast batch loader.
+
+The whole of MNIST is 55 MB of uint8 pixels, so digitlab keeps it in memory as tensors and slices batches
+out of them (`BatchLoader`) instead of building every batch image by image through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DigitlabError
+
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class DataError(DigitlabError):
+    """A data problem with a one-line message that names the file and the defect."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IDX files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an IDX file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            # zlib with wbits=31 reads the gzip container in one C call: about 2x faster than gzip.open.
+            return zlib.decompress(raw, 31)
+        except zlib.error as exc:
+            raise DataError(f"{path.name}: corrupt gzip data ({exc})") from None
+    return raw
+
+
+def parse_idx(data: bytes, name: str = "<bytes>", expect_magic: int | None = None) -> np.ndarray:
+    """Parse IDX bytes (unsigned-byte type only) into a read-only uint8 array, validating every field."""
+    if len(data) < 4:
+        raise DataError(f"{name}: truncated: {len(data)} bytes, not even an IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    magic = struct.unpack(">I", data[:4])[0]
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
+        raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic or '2051 or 2049'})")
+    if expect_magic is not None and magic != expect_magic:
+        raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: truncated: header needs {header} bytes, {len(data)} found")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "trailing bytes"
+        raise DataError(f"{name}: {kind}: {expected} bytes expected, {len(data)} found")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
+    """Read an IDX file, gzipped or raw."""
+    path = Path(path)
+    return parse_idx(_read_bytes(path), path.name, expect_magic)
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """Read an IDX image file: (N, H, W) uint8."""
+    path = Path(path)
+    images = read_idx(path, IMAGES_MAGIC)
+    if images.ndim != 3 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(f"{path.name}: bad dimensions {list(images.shape)} (expected N x rows x cols)")
+    return images
+
+
+def read_labels(path: str | Path, num_classes: int = 10) -> np.ndarray:
+    """Read an IDX label file: (N,) uint8, every label in 0..num_classes-1."""
+    path = Path(path)
+    labels = read_idx(path, LABELS_MAGIC)
+    if labels.size and int(labels.max()) >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(f"{path.name}: label {int(labels[bad])} at index {bad} is out of range 0-{num_classes - 1}")
+    return labels
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes for a uint8 array (1 dimension: labels, 3 dimensions: images)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise DataError(f"IDX writer: dtype {array.dtype} not supported (uint8 only)")
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write an IDX file; gzipped when the name ends in .gz."""
+    path = Path(path)
+    data = encode_idx(array)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets in MNIST's format and where to find them
+# ----------------------------------------------------------------------------------------------------------
+
+SPLIT_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset in MNIST's format is called, where it is mirrored and what its files hash to."""
+
+    name: str
+    title: str
+    class_names: tuple[str, ...]
+    md5: dict[str, str]  # file stem -> MD5 of the decompressed file
+    mirrors: tuple[str, ...] = ()
+    system_dirs: tuple[str, ...] = ()
+    mean: float = MNIST_MEAN
+    std: float = MNIST_STD
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        title="MNIST",
+        class_names=tuple(str(d) for d in range(10)),
+        md5={
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        },
+        # The mirrors torchvision uses, in its order.
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        title="Fashion-MNIST",
+        class_names=(
+            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        ),
+        md5={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        # Debian's package dataset-fashion-mnist installs the four files here.
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        mean=0.2860,
+        std=0.3530,
+    ),
+}
+
+
+def get_spec(dataset: str | DatasetSpec) -> DatasetSpec:
+    if isinstance(dataset, DatasetSpec):
+        return dataset
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise DataError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})") from None
+
+
+def cache_dir(dataset: str = "mnist") -> Path:
+    """The per-user cache dir: $XDG_CACHE_HOME/digitlab/<dataset>, by default ~/.cache/digitlab/<dataset>."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "digitlab" / dataset
+
+
+def find_file(directory: Path, stem: str) -> Path | None:
+    """The file for `stem` in a data dir: .gz or raw, flat or in torchvision's MNIST/raw/ layout."""
+    for sub in ("", "raw", "MNIST/raw", "FashionMNIST/raw"):
+        for suffix in (".gz", ""):
+            candidate = directory / sub / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_files(directory: Path) -> dict[str, Path] | None:
+    """All four files of a dataset in `directory`, or None when any is missing."""
+    found = {key: find_file(directory, stem) for key, stem in SPLIT_FILES.items()}
+    if any(path is None for path in found.values()):
+        return None
+    return found  # type: ignore[return-value]
+
+
+def candidate_dirs(data: str | Path | None, spec: DatasetSpec) -> list[Path]:
+    """Where data is looked for, in order: --data, $DIGITLAB_DATA, system dirs, the user cache."""
+    dirs: list[Path] = []
+    if data is not None:
+        dirs.append(Path(data).expanduser())
+    env = os.environ.get("DIGITLAB_DATA")
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs.extend(Path(d) for d in spec.system_dirs)
+    dirs.append(cache_dir(spec.name))
+    # An explicit dir that holds the dataset in a subdir named after it (DATA/fashion-mnist/...) counts too.
+    with_subdirs: list[Path] = []
+    for d in dirs:
+        with_subdirs.append(d)
+        if spec.name != "mnist" and d not in (Path(s) for s in spec.system_dirs):
+            with_subdirs.append(d / spec.name)
+    return with_subdirs
+
+
+def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist", download: bool = True) -> dict[str, Path]:
+    """Find the four files of `dataset`, downloading them into the first writable place when missing."""
+    spec = get_spec(dataset)
+    dirs = candidate_dirs(data, spec)
+    for directory in dirs:
+        found = find_files(directory)
+        if found:
+            return found
+    target = Path(data).expanduser() if data is not None else (
+        Path(os.environ["DIGITLAB_DATA"]).expanduser() if os.environ.get("DIGITLAB_DATA") else cache_dir(spec.name))
+    looked = ", ".join(str(d) for d in dirs)
+    files = ", ".join(f"{stem}.gz" for stem in SPLIT_FILES.values())
+    how = f"put the four files ({files}) in one of them, or pass --data DIR"
+    if not download or not spec.mirrors:
+        raise DataError(f"{spec.title} not found: looked in {looked}; {how}")
+    try:
+        download_dataset(spec, target)
+    except DataError as exc:
+        raise DataError(f"{spec.title} not found: looked in {looked}; download failed ({exc}); offline? {how}") from None
+    found = find_files(target)
+    assert found is not None
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Download and verification
+# ----------------------------------------------------------------------------------------------------------
+
+
+def md5_of(path: str | Path) -> str:
+    """MD5 of a file's decompressed content (what the dataset's checksums are of)."""
+    path = Path(path)
+    return hashlib.md5(_read_bytes(path)).hexdigest()
+
+
+def verify(directory: str | Path, dataset: str | DatasetSpec = "mnist") -> dict[str, str]:
+    """Check the MD5 of each of the four files in `directory`; raise DataError on the first problem."""
+    spec = get_spec(dataset)
+    directory = Path(directory)
+    results: dict[str, str] = {}
+    for stem, expected in spec.md5.items():
+        path = find_file(directory, stem)
+        if path is None:
+            raise DataError(f"{directory / (stem + '.gz')}: file not found")
+        actual = md5_of(path)
+        if actual != expected:
+            raise DataError(f"{path}: MD5 mismatch: {actual} found, {expected} expected")
+        results[str(path)] = actual
+    return results
+
+
+def _fetch(url: str, timeout: float, progress: Callable[[int, int | None], None] | None) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = response.headers.get("Content-Length")
+        total_bytes = int(total) if total and total.isdigit() else None
+        chunks: list[bytes] = []
+        done = 0
+        while chunk := response.read(1 << 16):
+            chunks.append(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total_bytes)
+    return b"".join(chunks)
+
+
+def download_dataset(
+    spec: DatasetSpec,
+    directory: str | Path,
+    retries: int = 3,
+    timeout: float = 30.0,
+    show_progress: bool = True,
+) -> None:
+    """Download the four files from the spec's mirrors, verify each MD5, write each atomically."""
+    directory = Path(directory)
+    for stem, expected in spec.md5.items():
+        if (path := find_file(directory, stem)) is not None and md5_of(path) == expected:
+            continue
+        data = _download_verified(spec, stem, expected, retries, timeout, show_progress)
+        atomic_write_bytes(directory / f"{stem}.gz", data)
+
+
+def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int, timeout: float,
+                       show_progress: bool) -> bytes:
+    """Gzipped bytes of `stem` from the first mirror that serves them with the right MD5."""
+    last_error = f"no mirror for {stem}"
+    for mirror in spec.mirrors:
+        url = f"{mirror}{stem}.gz"
+        for attempt in range(retries):
+            try:
+                data = _download_with_progress(url, timeout, show_progress)
+                content = zlib.decompress(data, 31) if data[:2] == b"\x1f\x8b" else data
+                actual = hashlib.md5(content).hexdigest()
+                if actual == expected:
+                    return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, mtime=0)
+                last_error = f"{url}: MD5 mismatch: {actual} found, {expected} expected"
+            except (urllib.error.URLError, OSError, zlib.error) as exc:
+                last_error = f"{url}: {getattr(exc, 'reason', None) or exc}"
+            if attempt + 1 < retries:
+                time.sleep(0.5 * 2**attempt)  # back off: mirrors rate-limit bursts
+    raise DataError(last_error)
+
+
+def _download_with_progress(url: str, timeout: float, show_progress: bool) -> bytes:
+    if not show_progress:
+        return _fetch(url, timeout, None)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), transient=True) as bar:
+        task = bar.add_task(f"downloading {url.rsplit('/', 1)[-1]}", total=None)
+        return _fetch(url, timeout, lambda done, total: bar.update(task, completed=done, total=total))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading into tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MnistData:
+    """Both splits of a dataset in MNIST's format as uint8/int64 tensors kept in memory."""
+
+    spec: DatasetSpec
+    train_images: torch.Tensor  # (60000, 28, 28) uint8
+    train_labels: torch.Tensor  # (60000,) int64
+    test_images: torch.Tensor  # (10000, 28, 28) uint8
+    test_labels: torch.Tensor  # (10000,) int64
+    files: dict[str, str] = field(default_factory=dict)  # split key -> path
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    def md5s(self) -> dict[str, str]:
+        """MD5 of each decompressed file (computed on demand, ~0.1 s)."""
+        return {Path(p).name: md5_of(p) for p in self.files.values()}
+
+
+_CACHE: dict[tuple, MnistData] = {}
+
+
+def load_files(files: dict[str, Path], spec: DatasetSpec) -> MnistData:
+    """Read and cross-check the four files of a split pair."""
+    arrays = {}
+    for key, path in files.items():
+        arrays[key] = read_images(path) if key.endswith("images") else read_labels(path, len(spec.class_names))
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DataError(
+                f"{Path(files[f'{split}_labels']).name}: {len(labels)} labels but "
+                f"{Path(files[f'{split}_images']).name} has {len(images)} images")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(f"{Path(files['test_images']).name}: image size {arrays['test_images'].shape[1:]} differs "
+                        f"from the training images' {arrays['train_images'].shape[1:]}")
+    # np.frombuffer arrays are read-only; torch wants writable memory, so copy once here.
+    return MnistData(
+        spec=spec,
+        train_images=torch.from_numpy(arrays["train_images"].copy()),
+        train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        test_images=torch.from_numpy(arrays["test_images"].copy()),
+        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+        files={k: str(v) for k, v in files.items()},
+    )
+
+
+def load(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist", download: bool = True) -> MnistData:
+    """Find (or download) and load a dataset; cached in memory per file set."""
+    spec = get_spec(dataset)
+    files = locate(data, spec, download)
+    key = (spec.name,) + tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files.values())
+    if key not in _CACHE:
+        _CACHE[key] = load_files(files, spec)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tutorial's Dataset view and digitlab's fast batch loader
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MnistDataset(torch.utils.data.Dataset):
+    """Items as the tutorial sees them: (image float32 (1, 28, 28) in [0, 1], label int)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].unsqueeze(0).float().div_(255.0)  # (1, 28, 28)
+        return image, int(self.labels[index])
+
+
+def datasets(data: MnistData) -> tuple[MnistDataset, MnistDataset]:
+    """The (train, test) Dataset views."""
+    return MnistDataset(data.train_images, data.train_labels), MnistDataset(data.test_images, data.test_labels)
+
+
+def to_input(images: torch.Tensor, mean: float | None, std: float | None) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), scaled to [0, 1] and optionally normalised."""
+    x = images.unsqueeze(1).float().div_(255.0)
+    if mean is not None and std is not None:
+        x = x.sub_(mean).div_(std)
+    return x
+
+
+class BatchLoader:
+    """Batches sliced from tensors already in memory (on the target device), shuffled per epoch.
+
+    Shuffling is seeded by (seed, epoch), so epoch k has the same order whether or not the run was
+    interrupted before it. With world_size > 1 every process draws the same permutation and takes its own
+    slice of each global batch, so N processes see exactly the batches that one process would.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        seed: int = 0,
+        normalize: bool = True,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+        device: str | torch.device = "cpu",
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.device = torch.device(device)
+        self.x = to_input(images, mean if normalize else None, std if normalize else None).to(self.device)
+        self.y = labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """The sample order of the current epoch (identical in every process)."""
+        n = len(self.y)
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(n, generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order().to(self.device)
+        per_rank = self.batch_size // self.world_size
+        for b in range(len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.world_size > 1:
+                # Uneven last batch: split it as evenly as possible; every rank still gets >= 0 items.
+                batch = batch.tensor_split(self.world_size)[self.rank] if len(batch) < self.batch_size \
+                    else batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield self.x[batch], self.y[batch]  # (B, 1, 28, 28), (B,)
+
+
+def split_train_val(
+    images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Hold out `val_size` random training images (seeded) for validation."""
+    if not 0 <= val_size < len(labels):
+        raise ValueError(f"val size {val_size} must be between 0 and {len(labels) - 1}")
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def class_counts(labels: torch.Tensor, num_classes: int = 10) -> list[int]:
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of pixel/255 over a uint8 image tensor."""
+    x = images.to(torch.float64).div_(255.0)
+    return float(x.mean()), float(x.std())
+
+
+__all__: Sequence[str] = [
+    "DataError", "DatasetSpec", "DATASETS", "MnistData", "MnistDataset", "BatchLoader",
+    "read_idx", "write_idx", "read_images", "read_labels", "parse_idx", "encode_idx", "atomic_write_bytes",
+    "locate", "load", "verify", "md5_of", "cache_dir", "download_dataset", "datasets", "split_train_val",
+    "class_counts", "pixel_stats", "to_input", "get_spec", "MNIST_MEAN", "MNIST_STD",
+]
