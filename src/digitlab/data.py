@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -86,21 +87,12 @@ def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
 
 def read_images(path: str | Path) -> np.ndarray:
     """Read an IDX image file: (N, H, W) uint8."""
-    path = Path(path)
-    images = read_idx(path, IMAGES_MAGIC)
-    if images.ndim != 3 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise DataError(f"{path.name}: bad dimensions {list(images.shape)} (expected N x rows x cols)")
-    return images
+    return _read_checked("images", Path(path), 10)[0]
 
 
 def read_labels(path: str | Path, num_classes: int = 10) -> np.ndarray:
     """Read an IDX label file: (N,) uint8, every label in 0..num_classes-1."""
-    path = Path(path)
-    labels = read_idx(path, LABELS_MAGIC)
-    if labels.size and int(labels.max()) >= num_classes:
-        bad = int(np.argmax(labels >= num_classes))
-        raise DataError(f"{path.name}: label {int(labels[bad])} at index {bad} is out of range 0-{num_classes - 1}")
-    return labels
+    return _read_checked("labels", Path(path), num_classes)[0]
 
 
 def encode_idx(array: np.ndarray) -> bytes:
@@ -382,24 +374,37 @@ class MnistData:
     test_images: torch.Tensor  # (10000, 28, 28) uint8
     test_labels: torch.Tensor  # (10000,) int64
     files: dict[str, str] = field(default_factory=dict)  # split key -> path
+    md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of its decompressed bytes
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.spec.class_names
 
-    def md5s(self) -> dict[str, str]:
-        """MD5 of each decompressed file (computed on demand, ~0.1 s)."""
-        return {Path(p).name: md5_of(p) for p in self.files.values()}
-
 
 _CACHE: dict[tuple, MnistData] = {}
 
 
+def _read_checked(key: str, path: Path, num_classes: int) -> tuple[np.ndarray, str]:
+    """One file's array and the MD5 of its decompressed bytes (hashed here, while the bytes are at hand)."""
+    raw = _read_bytes(path)
+    expect = IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC
+    array = parse_idx(raw, path.name, expect)
+    if key.endswith("images") and (array.ndim != 3 or 0 in array.shape[1:]):
+        raise DataError(f"{path.name}: bad dimensions {list(array.shape)} (expected N x rows x cols)")
+    if key.endswith("labels") and array.size and int(array.max()) >= num_classes:
+        bad = int(np.argmax(array >= num_classes))
+        raise DataError(f"{path.name}: label {int(array[bad])} at index {bad} is out of range 0-{num_classes - 1}")
+    return array, hashlib.md5(raw).hexdigest()
+
+
 def load_files(files: dict[str, Path], spec: DatasetSpec) -> MnistData:
     """Read and cross-check the four files of a split pair."""
-    arrays = {}
-    for key, path in files.items():
-        arrays[key] = read_images(path) if key.endswith("images") else read_labels(path, len(spec.class_names))
+    # zlib and hashlib release the GIL, so the four files decompress in parallel.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {key: pool.submit(_read_checked, key, Path(path), len(spec.class_names))
+                   for key, path in files.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    arrays = {key: array for key, (array, _) in results.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(images) != len(labels):
@@ -417,6 +422,7 @@ def load_files(files: dict[str, Path], spec: DatasetSpec) -> MnistData:
         test_images=torch.from_numpy(arrays["test_images"].copy()),
         test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
         files={k: str(v) for k, v in files.items()},
+        md5={Path(files[key]).name: md5 for key, (_, md5) in results.items()},
     )
 
 
