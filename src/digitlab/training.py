@@ -489,6 +489,7 @@ class Trainer:
         spec = self.dataset.spec
         test = evaluate_tensors(self.model, self.dataset.test_images, self.dataset.test_labels,
                                 spec.mean, spec.std, self.device, None)
+        spread = distributed.weight_spread(self.model, self.ctx, self.device)
         run = Run(dir=self.out, config=self.cfg, history=self.history, best_val_accuracy=self.best_val_accuracy,
                   best_epoch=self.best_epoch, test_accuracy=test.accuracy, test_loss=test.loss,
                   stopped_early=stopped_early, seconds=time.perf_counter() - start)
@@ -500,7 +501,8 @@ class Trainer:
             checkpoint.save(self.out / "best", self.model, self._info(self.best_epoch, metrics))
             summary = {"test_accuracy": test.accuracy, "test_loss": test.loss, "best_epoch": self.best_epoch,
                        "best_val_accuracy": self.best_val_accuracy, "seconds": round(run.seconds, 3),
-                       "stopped_early": stopped_early}
+                       "stopped_early": stopped_early, "processes": self.ctx.world_size,
+                       "max_weight_difference_between_processes": spread}
             data.atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
             plot_curves(self.history, self.out / "curves.png")
         return run
