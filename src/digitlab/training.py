@@ -536,7 +536,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    # The train loss is measured against the label-smoothed targets, so it sits above the val loss.
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (smoothed targets)")
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
     if history and history[0]["val_loss"] is not None:
         ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
