@@ -141,6 +141,7 @@ class Run:
     test_loss: float | None = None
     stopped_early: bool = False
     seconds: float = 0.0
+    rank: int = 0  # this process's rank under torchrun; only rank 0 writes and reports
 
     @property
     def best(self) -> Path:
@@ -492,7 +493,7 @@ class Trainer:
         spread = distributed.weight_spread(self.model, self.ctx, self.device)
         run = Run(dir=self.out, config=self.cfg, history=self.history, best_val_accuracy=self.best_val_accuracy,
                   best_epoch=self.best_epoch, test_accuracy=test.accuracy, test_loss=test.loss,
-                  stopped_early=stopped_early, seconds=time.perf_counter() - start)
+                  stopped_early=stopped_early, seconds=time.perf_counter() - start, rank=self.ctx.rank)
         self.log(f"test accuracy {test.accuracy:.2%}  test loss {test.loss:.4f}  (best epoch {self.best_epoch}, "
                  f"{run.seconds:.1f}s)  checkpoint {self.out / 'best.safetensors'}")
         if self.ctx.is_main:
