@@ -67,5 +67,5 @@ def tiny_mnist_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch) -> None:
-    """Tests never read or write the user's real cache, and never see the CI's DIGITLAB_DATA unless they ask."""
+    """Tests never read or write the user's real cache dir (~/.cache/digitlab): XDG_CACHE_HOME points at a tmp dir."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

@@ -10,9 +10,8 @@ is complete.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,11 +19,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import __version__
 from .errors import DigitlabError
+from .idx import atomic_write_bytes
 from .models import build_model, model_config, model_name
 
 FORMAT = "digitlab-checkpoint"
@@ -59,19 +60,6 @@ class CheckpointInfo:
         return dict(self.__dict__)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def paths(base: str | Path) -> tuple[Path, Path, Path]:
     """(weights, sidecar, state) paths for a checkpoint base path like runs/x/best."""
     base = Path(base)
@@ -93,11 +81,13 @@ def save(
     info.model_config = model_config(model)
     info.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write_bytes(weights_path, safetensors_bytes(tensors, metadata={"format": FORMAT}))
     if state is not None:
-        _atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(state_path, buffer.getvalue())
     text = json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(sidecar_path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(sidecar_path, text.encode())
     return weights_path
 
 

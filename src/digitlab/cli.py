@@ -95,12 +95,183 @@ def tour(
     data_dir: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(300, "--steps", help="Training steps in the short training part."),
+    steps: int = typer.Option(300, "--steps", min=1, help="Training steps in the short training part."),
 ) -> None:
     """The classic tutorial, run for real and explained step by step."""
     from .explore import tour as run_tour
 
     run_tour(data_dir, device=device, seed=seed, steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train / evaluate
+# ----------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    model: str = typer.Option("mlp", "--model", help="mlp (the tutorial's network) or cnn."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the model's recipe (mlp 2, cnn 16)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default 256)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the model's recipe)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd, adam or adamw (default adamw)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="none, onecycle or cosine (default onecycle)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random shifts/rotations/scales."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
+    val_size: int = typer.Option(5000, "--val-size", help="Training images held out for validation."),
+    seed: int = typer.Option(0, "--seed", help="Seeds every random source."),
+    device: str = DeviceOpt,
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
+    data_dir: Optional[Path] = DataOpt,
+    dataset: str = DatasetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run dir (default runs/<timestamp>-<model>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this dir."),
+    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Stop once val accuracy >= P."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a model; writes config, metrics, curves and checkpoints to a run dir."""
+    from .training import TrainConfig, TrainingInterrupted
+    from .training import train as run_train
+
+    config = TrainConfig(
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        weight_decay=weight_decay, augment=augment, label_smoothing=label_smoothing, val_size=val_size,
+        seed=seed, device=device, precision=precision, data=str(data_dir) if data_dir else None,
+        dataset=dataset, out=str(out) if out else None, resume=str(resume) if resume else None,
+        quiet=quiet, target_accuracy=target_accuracy)
+    try:
+        result = run_train(config)
+    except TrainingInterrupted as exc:
+        typer.echo(f"digitlab: {exc}", err=True)
+        raise typer.Exit(exc.exit_code)
+    if quiet and result.rank == 0:
+        typer.echo(f"test accuracy {result.test_accuracy:.4f}  {result.dir}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+    data_dir: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Where confusion.png and mistakes.png go."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    no_plots: bool = typer.Option(False, "--no-plots"),
+) -> None:
+    """Accuracy, loss, per-class precision/recall/F1, confusion matrix and the worst mistakes."""
+    import json
+
+    from .evaluation import evaluate as run_evaluate
+    from .report import print_report
+
+    report = run_evaluate(checkpoint, data_dir, split=split, device=device, out_dir=out, plots=not no_plots)
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        print_report(report)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    format: str = typer.Option("onnx", "--format", help="onnx (for onnxruntime) or torchscript."),
+    out: Path = typer.Option(..., "--out", help="The file to write, e.g. model.onnx."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantisation."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18: onnxruntime >= 1.14)."),
+    data_dir: Optional[Path] = DataOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export a checkpoint (input: pixels in [0,1]), check it against PyTorch on the test set, write it."""
+    import json
+
+    from . import export as exp
+
+    if format not in exp.FORMATS:
+        fail(f"--format {format!r}: unknown (choose {' or '.join(exp.FORMATS)})", 2)
+    if quantize is not None and quantize not in exp.QUANTIZATIONS:
+        fail(f"--quantize {quantize!r}: unknown (choose {', '.join(exp.QUANTIZATIONS)})", 2)
+    if quantize is not None and format != "onnx":
+        fail("--quantize works with --format onnx only", 2)
+    from .checkpoint import read_info
+    from .data import get_spec
+
+    info = read_info(checkpoint)  # fails early, naming the file, before the data is read
+    verify = exp.mnist_verify_set(data_dir, info.dataset)
+    if verify is None:
+        typer.echo(f"note: {get_spec(info.dataset).title} test set not found (pass --data DIR); checking on "
+                   "seeded random images instead, without accuracy", err=True)
+    report = exp.export(checkpoint, out, format=format, quantize=quantize, verify_images=verify,
+                        opset=opset or exp.DEFAULT_OPSET)
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this origin (repeatable); CORS is off "
+                                          "without it."),
+    device: str = DeviceOpt,
+    max_body_bytes: int = typer.Option(5_000_000, "--max-body-bytes", min=1, help="Largest request body (413)."),
+    log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
+) -> None:
+    """Serve a page to draw a digit and watch the network read it, and the HTTP API (docs at /docs)."""
+    from .serving import serve as run_serve
+
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        fail(f"--log-level {log_level!r}: unknown (choose critical, error, warning, info or debug)", 2)
+    run_serve(checkpoint, host=host, port=port, cors_origins=cors_origin, device=device,
+              max_body_bytes=max_body_bytes, log_level=log_level)
+
+
+
+@app.command()
+def predict(
+    inputs: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF), folders (searched "
+                                       "recursively), IDX files (every image), or - for stdin.", show_default=False,
+                                       metavar="INPUTS..."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Instead of --checkpoint: an exported .onnx file, "
+                                         "run with onnxruntime (no torch needed)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line."),
+    reject_below: Optional[float] = typer.Option(None, "--reject-below", min=0.0, max=1.0,
+                                                 help="Report no digit (null) when the confidence is below P."),
+    save_preprocessed: Optional[Path] = typer.Option(None, "--save-preprocessed", help="Write the 28x28 image the "
+                                                     "model saw for each input into this folder (PNG)."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
+) -> None:
+    """Read the digit in each image: photos, scans and drawings are preprocessed the way MNIST was made."""
+    import json
+
+    from .prediction import Predictor, expand_inputs, path_width, table_header, table_row
+
+    if checkpoint is not None and model is not None:
+        fail("--checkpoint and --model exclude each other: give one", 2)
+    if model is not None:
+        predictor = Predictor.from_onnx(model, device=device, batch_size=batch_size)
+    elif checkpoint is not None:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    else:
+        fail("--checkpoint or --model is required (a run dir or checkpoint, or an exported .onnx file)", 2)
+    items = expand_inputs(inputs)  # "-" reads sys.stdin.buffer
+    width = path_width(items)
+    if not as_json:
+        typer.echo(table_header(width))
+    failures = 0
+    for prediction in predictor.iter_predict(items, reject_below=reject_below, save_dir=save_preprocessed):
+        if prediction.error is not None:
+            failures += 1
+            typer.echo(f"digitlab: error: {prediction.error}", err=True)
+        typer.echo(json.dumps(prediction.to_json()) if as_json else table_row(prediction, width))
+    if failures:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
 import struct
 import tempfile
@@ -24,109 +26,12 @@ import numpy as np
 import torch
 
 from .errors import DigitlabError
+from .idx import (  # noqa: F401  (re-exported: digitlab.data is where users look for them)
+    IMAGES_MAGIC, LABELS_MAGIC, DataError, atomic_write_bytes, encode_idx, parse_idx, read_bytes, read_checked,
+    read_idx, read_images, read_labels, write_idx)
 
-IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-
-
-class DataError(DigitlabError):
-    """A data problem with a one-line message that names the file and the defect."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# IDX files
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not an IDX file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            # zlib with wbits=31 reads the gzip container in one C call: about 2x faster than gzip.open.
-            return zlib.decompress(raw, 31)
-        except zlib.error as exc:
-            raise DataError(f"{path.name}: corrupt gzip data ({exc})") from None
-    return raw
-
-
-def parse_idx(data: bytes, name: str = "<bytes>", expect_magic: int | None = None) -> np.ndarray:
-    """Parse IDX bytes (unsigned-byte type only) into a read-only uint8 array, validating every field."""
-    if len(data) < 4:
-        raise DataError(f"{name}: truncated: {len(data)} bytes, not even an IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    magic = struct.unpack(">I", data[:4])[0]
-    if zero != 0 or dtype_code != 0x08 or ndim == 0:
-        raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic or '2051 or 2049'})")
-    if expect_magic is not None and magic != expect_magic:
-        raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic})")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{name}: truncated: header needs {header} bytes, {len(data)} found")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(data) != expected:
-        kind = "truncated" if len(data) < expected else "trailing bytes"
-        raise DataError(f"{name}: {kind}: {expected} bytes expected, {len(data)} found")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
-    """Read an IDX file, gzipped or raw."""
-    path = Path(path)
-    return parse_idx(_read_bytes(path), path.name, expect_magic)
-
-
-def read_images(path: str | Path) -> np.ndarray:
-    """Read an IDX image file: (N, H, W) uint8."""
-    return _read_checked("images", Path(path), 10)[0]
-
-
-def read_labels(path: str | Path, num_classes: int = 10) -> np.ndarray:
-    """Read an IDX label file: (N,) uint8, every label in 0..num_classes-1."""
-    return _read_checked("labels", Path(path), num_classes)[0]
-
-
-def encode_idx(array: np.ndarray) -> bytes:
-    """IDX bytes for a uint8 array (1 dimension: labels, 3 dimensions: images)."""
-    array = np.ascontiguousarray(array)
-    if array.dtype != np.uint8:
-        raise DataError(f"IDX writer: dtype {array.dtype} not supported (uint8 only)")
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write an IDX file; gzipped when the name ends in .gz."""
-    path = Path(path)
-    data = encode_idx(array)
-    if path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,13 +155,20 @@ def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist",
     """Find the four files of `dataset`, downloading them into the first writable place when missing."""
     spec = get_spec(dataset)
     dirs = candidate_dirs(data, spec)
+    holds_other: dict[Path, str] = {}
     for directory in dirs:
         found = find_files(directory)
+        if found and (other := _other_dataset(found, spec)) is not None:
+            holds_other[directory] = other.title  # e.g. MNIST in $DIGITLAB_DATA when Fashion-MNIST is asked for
+            continue
         if found:
             return found
     target = Path(data).expanduser() if data is not None else (
         Path(os.environ["DIGITLAB_DATA"]).expanduser() if os.environ.get("DIGITLAB_DATA") else cache_dir(spec.name))
-    looked = ", ".join(str(d) for d in dirs)
+    if target in holds_other:
+        target = target / spec.name  # never download one dataset over another's files of the same names
+    looked = ", ".join(f"{d} (holds {holds_other[d]})" if d in holds_other else f"{d}{_missing_note(d)}"
+                       for d in dirs)
     files = ", ".join(f"{stem}.gz" for stem in SPLIT_FILES.values())
     how = f"put the four files ({files}) in one of them, or pass --data DIR"
     if not download or not spec.mirrors:
@@ -270,6 +182,29 @@ def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist",
     return found
 
 
+def _missing_note(directory: Path) -> str:
+    """' (no FILE, ...)' for a dir holding some but not all four files, so the message names what is missing."""
+    if not directory.is_dir():
+        return ""
+    missing = [stem for stem in SPLIT_FILES.values() if find_file(directory, stem) is None]
+    if len(missing) == len(SPLIT_FILES):
+        return ""
+    return f" (no {', '.join(missing)}, as .gz or raw)"
+
+
+def _other_dataset(found: dict[str, Path], spec: DatasetSpec) -> DatasetSpec | None:
+    """The registered dataset other than `spec` whose training labels these files are (by MD5), if any.
+
+    Every dataset in MNIST's format uses the same four file names: only the content tells them apart.
+    """
+    stem = SPLIT_FILES["train_labels"]
+    others = {other.md5[stem]: other for other in DATASETS.values() if other.name != spec.name and stem in other.md5}
+    try:
+        return others.get(md5_of(found["train_labels"]))
+    except DataError:
+        return None  # a broken file is reported, naming the defect, when it is loaded
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Download and verification
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +213,7 @@ def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist",
 def md5_of(path: str | Path) -> str:
     """MD5 of a file's decompressed content (what the dataset's checksums are of)."""
     path = Path(path)
-    return hashlib.md5(_read_bytes(path)).hexdigest()
+    return hashlib.md5(read_bytes(path)).hexdigest()
 
 
 def verify(directory: str | Path, dataset: str | DatasetSpec = "mnist") -> dict[str, str]:
@@ -324,7 +259,10 @@ def download_dataset(
         if (path := find_file(directory, stem)) is not None and md5_of(path) == expected:
             continue
         data = _download_verified(spec, stem, expected, retries, timeout, show_progress)
-        atomic_write_bytes(directory / f"{stem}.gz", data)
+        try:
+            atomic_write_bytes(directory / f"{stem}.gz", data)
+        except OSError as exc:
+            raise DataError(f"{directory / (stem + '.gz')}: cannot write: {exc.strerror or exc}") from None
 
 
 def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int, timeout: float,
@@ -341,7 +279,7 @@ def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int
                 if actual == expected:
                     return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, mtime=0)
                 last_error = f"{url}: MD5 mismatch: {actual} found, {expected} expected"
-            except (urllib.error.URLError, OSError, zlib.error) as exc:
+            except (urllib.error.URLError, OSError, zlib.error, http.client.HTTPException) as exc:
                 last_error = f"{url}: {getattr(exc, 'reason', None) or exc}"
             if attempt + 1 < retries:
                 time.sleep(0.5 * 2**attempt)  # back off: mirrors rate-limit bursts
@@ -384,24 +322,11 @@ class MnistData:
 _CACHE: dict[tuple, MnistData] = {}
 
 
-def _read_checked(key: str, path: Path, num_classes: int) -> tuple[np.ndarray, str]:
-    """One file's array and the MD5 of its decompressed bytes (hashed here, while the bytes are at hand)."""
-    raw = _read_bytes(path)
-    expect = IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC
-    array = parse_idx(raw, path.name, expect)
-    if key.endswith("images") and (array.ndim != 3 or 0 in array.shape[1:]):
-        raise DataError(f"{path.name}: bad dimensions {list(array.shape)} (expected N x rows x cols)")
-    if key.endswith("labels") and array.size and int(array.max()) >= num_classes:
-        bad = int(np.argmax(array >= num_classes))
-        raise DataError(f"{path.name}: label {int(array[bad])} at index {bad} is out of range 0-{num_classes - 1}")
-    return array, hashlib.md5(raw).hexdigest()
-
-
 def load_files(files: dict[str, Path], spec: DatasetSpec) -> MnistData:
     """Read and cross-check the four files of a split pair."""
     # zlib and hashlib release the GIL, so the four files decompress in parallel.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {key: pool.submit(_read_checked, key, Path(path), len(spec.class_names))
+        futures = {key: pool.submit(read_checked, key, Path(path), len(spec.class_names))
                    for key, path in files.items()}
         results = {key: future.result() for key, future in futures.items()}
     arrays = {key: array for key, (array, _) in results.items()}
@@ -551,8 +476,13 @@ def class_counts(labels: torch.Tensor, num_classes: int = 10) -> list[int]:
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
     """Mean and std of pixel/255 over a uint8 image tensor."""
-    x = images.to(torch.float64).div_(255.0)
-    return float(x.mean()), float(x.std())
+    # From the 256-bin histogram: exact, 7x faster than a float64 copy of MNIST, and no 376 MB allocation.
+    counts = torch.bincount(images.flatten(), minlength=256).to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64, device=counts.device) / 255.0
+    n = counts.sum()
+    mean = (counts * values).sum() / n
+    var = (counts * (values - mean) ** 2).sum() / (n - 1)  # unbiased, as torch.std
+    return float(mean), float(var.sqrt())
 
 
 __all__: Sequence[str] = [

@@ -1,0 +1,486 @@
+"""Read digits from users' images: the library behind `digitlab predict`, the Python API and the web app.
+
+    predictor = Predictor.from_checkpoint("runs/cnn")
+    predictor.predict(["photo.jpg", "scans/"])          # paths, folders, IDX files, bytes, PIL, arrays
+    predictor.predict_arrays(x)                          # (N, 28, 28) pixels in [0, 1] -> (N, 10)
+
+Every input goes through `digitlab.preprocessing.preprocess` (the same function the web app uses), except
+images from IDX files, which are MNIST's own format and reach the model exactly as in training. Errors are
+per input: a bad file gives a Prediction with `error` set, the others are still read.
+
+The model runs behind one callable, `run_logits(pixels (N, 1, 28, 28) float32 in [0, 1]) -> logits (N, 10)`,
+the same contract as an exported ONNX model, so another backend only needs to supply that callable.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import DigitlabError
+from .idx import IMAGES_MAGIC, atomic_write_bytes, parse_idx
+from .preprocessing import IMAGE_SUFFIXES, load_image, preprocess
+
+IDX_SUFFIXES = (".idx", ".idx3", ".idx3-ubyte", "-ubyte", ".gz")
+DEFAULT_BATCH_SIZE = 256
+
+RunLogits = Callable[[np.ndarray], np.ndarray]
+
+
+class PredictError(DigitlabError):
+    """A prediction that cannot run at all (bad option, unusable model); per-input problems are not raised."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """What the model read in one input, or why it could not."""
+
+    path: str | None
+    digit: int | None  # None when rejected (confidence below the threshold) or failed
+    confidence: float | None
+    probabilities: list[float] | None
+    top3: list[tuple[int, float]] | None
+    error: str | None
+    preprocessed: np.ndarray | None = field(default=None, repr=False)  # (28, 28) float32: what the model saw
+    rejected: bool = False
+    preprocessed_path: str | None = None  # where --save-preprocessed wrote it
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the preprocessed array is left out)."""
+        out: dict[str, Any] = {
+            "path": self.path,
+            "digit": self.digit,
+            "confidence": self.confidence,
+            "probabilities": self.probabilities,
+            "top3": [[d, p] for d, p in self.top3] if self.top3 is not None else None,
+            "rejected": self.rejected,
+            "error": self.error,
+        }
+        if self.preprocessed_path is not None:
+            out["preprocessed_path"] = self.preprocessed_path
+        return out
+
+
+def failed(path: str | None, message: str) -> Prediction:
+    return Prediction(path=path, digit=None, confidence=None, probabilities=None, top3=None, error=message)
+
+
+def from_probabilities(path: str | None, probabilities: np.ndarray, preprocessed: np.ndarray | None,
+                       reject_below: float | None) -> Prediction:
+    """A Prediction from one row of probabilities (10,)."""
+    p = [float(v) for v in probabilities]
+    order = sorted(range(len(p)), key=lambda k: -p[k])
+    best = order[0]
+    rejected = reject_below is not None and p[best] < reject_below
+    return Prediction(path=path, digit=None if rejected else best, confidence=p[best], probabilities=p,
+                      top3=[(k, p[k]) for k in order[:3]], error=None, preprocessed=preprocessed,
+                      rejected=rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: paths, folders, IDX files, stdin, in-memory images
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputItem:
+    """One image to read: where it came from and what holds it."""
+
+    path: str | None  # as given; IDX images as "file#index"
+    source: Any = None  # a Path, encoded bytes, PIL image, numpy array or tensor
+    mnist: np.ndarray | None = None  # (28, 28) uint8 from an IDX file: fed to the model as is
+    error: str | None = None  # already failed while expanding (missing file, bad IDX file)
+
+
+def _sniff(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _looks_like_idx(head: bytes) -> bool:
+    """IDX images start with 00 00 08 03; gzip with 1f 8b (image formats never do)."""
+    return head[:4] == b"\x00\x00\x08\x03" or head[:2] == b"\x1f\x8b"
+
+
+def _idx_items(raw: bytes, name: str) -> list[InputItem]:
+    """One item per image of an IDX images file (raw bytes, gzipped or not)."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = zlib.decompress(raw, 31)
+        except zlib.error as exc:
+            return [InputItem(name, error=f"{name}: corrupt gzip data ({exc})")]
+    if raw[:4] == b"\x00\x00\x08\x01":
+        return [InputItem(name, error=f"{name}: an IDX labels file, not images")]
+    try:
+        images = parse_idx(raw, name, expect_magic=IMAGES_MAGIC)
+    except DigitlabError as exc:
+        return [InputItem(name, error=str(exc))]
+    if images.ndim != 3:
+        return [InputItem(name, error=f"{name}: IDX images must have 3 dimensions, found {images.ndim}")]
+    if images.shape[0] == 0:
+        return [InputItem(name, error=f"{name}: IDX file holds no images")]
+    mnist = images.shape[1:] == (28, 28)
+    return [InputItem(f"{name}#{i}", source=None if mnist else image, mnist=image if mnist else None)
+            for i, image in enumerate(images)]
+
+
+def _walk(directory: Path) -> list[Path]:
+    """Image and IDX files under a directory, recursively, sorted; hidden files and folders skipped."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            lower = name.lower()
+            if lower.endswith(IMAGE_SUFFIXES) or lower.endswith(IDX_SUFFIXES) or "idx3" in lower:
+                found.append(Path(root) / name)
+    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+
+
+def _file_items(path: Path, name: str) -> list[InputItem]:
+    head = _sniff(path)
+    if _looks_like_idx(head):
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            return [InputItem(name, error=f"{name}: cannot read: {exc.strerror or exc}")]
+        return _idx_items(raw, name)
+    return [InputItem(name, source=path)]
+
+
+def read_stdin() -> bytes:
+    return sys.stdin.buffer.read()
+
+
+def expand_inputs(args: Iterable[Any], stdin: Callable[[], bytes] = read_stdin) -> list[InputItem]:
+    """Turn what the user gave into one item per image.
+
+    Strings and Paths are files (an IDX file gives one item per image, named "file#i"), folders (searched
+    recursively for image and IDX files, in sorted order) or "-" (stdin, read once). Anything else (bytes,
+    PIL images, arrays, tensors) is one image. A missing path becomes an item with an error.
+    """
+    items: list[InputItem] = []
+    stdin_data: bytes | None = None
+    for arg in args:
+        if isinstance(arg, InputItem):
+            items.append(arg)
+        elif isinstance(arg, str) and arg == "-":
+            if stdin_data is None:
+                stdin_data = stdin()
+            if _looks_like_idx(stdin_data[:4]):
+                items.extend(_idx_items(stdin_data, "-"))
+            else:
+                items.append(InputItem("-", source=stdin_data))
+        elif isinstance(arg, (str, Path)):
+            name, path = str(arg), Path(arg)
+            if path.is_dir():
+                files = _walk(path)
+                if not files:
+                    items.append(InputItem(name, error=f"{name}: no image or IDX files in this folder"))
+                for file in files:
+                    items.extend(_file_items(file, str(file)))
+            elif path.exists():
+                items.extend(_file_items(path, name))
+            else:
+                items.append(InputItem(name, error=f"{name}: file not found"))
+        else:
+            items.append(InputItem(None, source=arg))
+    return items
+
+
+def _prepare(item: InputItem) -> tuple[np.ndarray | None, str | None]:
+    """(pixels (28, 28) float32 in [0, 1], None) or (None, error message) for one item."""
+    if item.error is not None:
+        return None, item.error
+    if item.mnist is not None:
+        # Exactly what training saw: uint8 / 255 in float32 (as data.to_input computes it).
+        return item.mnist.astype(np.float32) / np.float32(255.0), None
+    name = "<stdin>" if item.path == "-" else (item.path or "<image>")  # how error messages name the input
+    try:
+        source = item.source
+        if isinstance(source, (Path, bytes, bytearray, memoryview, io.IOBase)):
+            source = load_image(source, name=name)
+        return preprocess(source), None
+    except DigitlabError as exc:
+        message = str(exc)
+        return None, message if message.startswith(f"{name}: ") else f"{name}: {message}"
+    except Exception as exc:  # noqa: BLE001 - one bad input must never stop the others
+        return None, f"{name}: cannot read this image ({exc.__class__.__name__}: {str(exc)[:100]})"
+
+
+BIG_INPUT_BYTES = 32_000  # smaller images (an MNIST PNG is under 1 kB) are quicker inline than on a thread
+
+
+def _is_big(item: InputItem) -> bool:
+    """Worth a thread: a large file or buffer (a photo), whose decoding and preprocessing release the GIL."""
+    source = item.source
+    if item.mnist is not None or item.error is not None:
+        return False
+    if isinstance(source, Path):
+        try:
+            return source.stat().st_size > BIG_INPUT_BYTES
+        except OSError:
+            return False
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source) > BIG_INPUT_BYTES
+    if isinstance(source, Image.Image):
+        return source.width * source.height > BIG_INPUT_BYTES
+    if isinstance(source, np.ndarray):
+        return source.size > BIG_INPUT_BYTES
+    numel = getattr(source, "numel", None)  # a torch tensor
+    return callable(numel) and numel() > BIG_INPUT_BYTES
+
+
+def _prepare_all(pool: ThreadPoolExecutor, workers: int, batch: Sequence[InputItem]) -> list:
+    """_prepare for a batch: photos on the pool's threads, one contiguous share per thread; small images
+    (MNIST PNGs, IDX images) inline, where a thread hand-off would cost more than the work."""
+    big = [k for k, item in enumerate(batch) if _is_big(item)] if workers > 1 else []
+    results: list = [None] * len(batch)
+    share = -(-len(big) // workers) if big else 1
+    parts = pool.map(lambda start: [(k, _prepare(batch[k])) for k in big[start:start + share]],
+                     range(0, len(big), share))
+    chosen = set(big)
+    for k, item in enumerate(batch):
+        if k not in chosen:
+            results[k] = _prepare(item)
+    for part in parts:
+        for k, result in part:
+            results[k] = result
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The predictor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _torch_runner(model: Any, mean: float | None, std: float | None, device: Any) -> RunLogits:
+    """run_logits for a PyTorch model: pixels -> normalised exactly as data.to_input does -> logits."""
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)  # (N, 1, 28, 28)
+            if mean is not None and std is not None:
+                t = (t - mean) / std  # not in place: t may share memory with the caller's array
+            return model(t).float().cpu().numpy()  # (N, 10)
+
+    return run
+
+
+class Predictor:
+    """A loaded model plus preprocessing: images in, Predictions out. Safe to share between threads.
+
+    `run_logits` takes pixels (N, 1, 28, 28) float32 in [0, 1] and returns logits (N, 10); `info` is the
+    checkpoint's CheckpointInfo (or anything with model, mean, std and class_names). `model` (a torch
+    module, optional) is needed only by `explain`.
+    """
+
+    def __init__(self, run_logits: RunLogits, info: Any, model: Any = None, device: Any = "cpu",
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if batch_size < 1:
+            raise PredictError(f"--batch-size {batch_size}: must be >= 1")
+        self._run_logits = run_logits
+        self.info = info
+        self.model = model
+        self.device = device
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # one forward pass at a time on the shared model
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+        """Load a checkpoint (a run dir or a .safetensors/.json file) for inference."""
+        from .checkpoint import load
+        from .devices import resolve_device
+
+        torch_device = resolve_device(device)
+        model, info = load(path, device=torch_device)
+        return cls(_torch_runner(model, info.mean, info.std, torch_device), info, model=model,
+                   device=torch_device, batch_size=batch_size)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+        """Load a model written by `digitlab export` and run it with onnxruntime: torch is never imported."""
+        from .export import OnnxModel, onnx_providers
+
+        model = OnnxModel(path, providers=onnx_providers(device))
+        return cls(model.logits, model.info, device=device, batch_size=batch_size)
+
+    # -- the model ---------------------------------------------------------------------------------------
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """Pixels (N, 1, 28, 28) float32 in [0, 1] -> logits (N, 10); the only place the model runs."""
+        with self._lock:
+            return np.asarray(self._run_logits(x), dtype=np.float32)
+
+    def predict_arrays(self, x: np.ndarray) -> np.ndarray:
+        """Already MNIST-like pixels (N, 28, 28), float in [0, 1] or uint8 -> probabilities (N, 10).
+
+        No preprocessing; batched by `batch_size`.
+        """
+        x = np.asarray(x)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / np.float32(255.0)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28)
+        if len(x) == 0:
+            return np.zeros((0, 10), dtype=np.float32)
+        logits = [self._logits(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return _softmax(np.concatenate(logits))
+
+    # -- images ------------------------------------------------------------------------------------------
+
+    def iter_predict(self, items: Sequence[InputItem], reject_below: float | None = None,
+                     save_dir: str | Path | None = None, workers: int | None = None) -> Iterator[Prediction]:
+        """Predictions for expanded items, in order, a batch at a time (preprocessing on `workers` threads)."""
+        if reject_below is not None and not 0.0 <= reject_below <= 1.0:
+            raise PredictError(f"--reject-below {reject_below}: must be between 0 and 1")
+        workers = workers or min(4, os.cpu_count() or 1)
+        save = Path(save_dir) if save_dir is not None else None
+        if save is not None:
+            try:
+                save.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PredictError(f"--save-preprocessed {save}: cannot create the folder "
+                                   f"({exc.strerror or exc})") from None
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(items), self.batch_size):
+                batch = items[start:start + self.batch_size]
+                prepared = _prepare_all(pool, workers, batch)
+                ok = [k for k, (x, _) in enumerate(prepared) if x is not None]
+                probabilities = self.predict_arrays(np.stack([prepared[k][0] for k in ok])) if ok else None
+                rows = dict(zip(ok, probabilities)) if ok else {}
+                for k, item in enumerate(batch):
+                    x, error = prepared[k]
+                    if x is None:
+                        yield failed(item.path, error or "unknown error")
+                        continue
+                    prediction = from_probabilities(item.path, rows[k], x, reject_below)
+                    if save is not None:
+                        prediction.preprocessed_path = str(save_preprocessed(save, start + k, item.path, x))
+                    yield prediction
+
+    def predict(self, images: Any, reject_below: float | None = None) -> list[Prediction]:
+        """Predictions for one image or a list of them: paths (files, folders, IDX files), encoded bytes, PIL
+        images, numpy arrays or tensors. A batch array (N, H, W) with N > 4, or (N, C, H, W), counts as N
+        images. Bad inputs give a Prediction with `error` set; nothing is raised for them."""
+        return list(self.iter_predict(expand_inputs(_as_list(images)), reject_below=reject_below))
+
+    def predict_one(self, image: Any) -> Prediction:
+        """The Prediction for one image (not a folder or an IDX file)."""
+        x, error = _prepare(InputItem(_name_of(image), source=image))
+        if x is None:
+            return failed(_name_of(image), error or "unknown error")
+        return from_probabilities(_name_of(image), self.predict_arrays(x[None])[0], x, None)
+
+    def explain(self, image: Any) -> dict[str, Any]:
+        """The prediction and each layer's activations for one image: {"prediction", "activations": {layer:
+        nested lists}}. CNN feature maps keep their first 8 channels; "logits" are before softmax."""
+        if self.model is None or not hasattr(self.model, "hidden_activations"):
+            raise PredictError("explain needs a PyTorch checkpoint (this model has no hidden activations)")
+        import torch
+
+        x, error = _prepare(InputItem(_name_of(image), source=image))
+        if x is None:
+            raise PredictError(error or "cannot read this image")
+        with self._lock, torch.inference_mode():
+            t = torch.from_numpy(x.reshape(1, 1, 28, 28)).to(self.device)  # (1, 1, 28, 28)
+            if self.info.mean is not None and self.info.std is not None:
+                t = (t - self.info.mean) / self.info.std  # not in place: t shares memory with x
+            layers = self.model.hidden_activations(t)
+            activations = {}
+            for name, value in layers.items():
+                value = value[0].float().cpu()  # drop the batch dimension
+                if value.ndim == 3:
+                    value = value[:8]  # (C, H, W): the first 8 feature maps are plenty to look at
+                activations[name] = value.tolist()
+        logits = np.asarray(activations["logits"], dtype=np.float32)[None]
+        prediction = from_probabilities(_name_of(image), _softmax(logits)[0], x, None)
+        return {"prediction": prediction, "activations": activations}
+
+
+def _name_of(image: Any) -> str | None:
+    return str(image) if isinstance(image, (str, Path)) else None
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    shape = getattr(images, "shape", None)
+    if shape is not None and not isinstance(images, Image.Image):
+        if len(shape) == 4 or (len(shape) == 3 and shape[0] > 4 and shape[-1] not in (1, 2, 3, 4)):
+            return [images[i] for i in range(shape[0])]
+    return [images]
+
+
+def _safe_name(path: str | None) -> str:
+    if not path:
+        return "image"
+    keep = [c if c.isalnum() or c in "-_." else "_" for c in path.replace("#", "_")]
+    return "".join(keep).strip("._")[-80:] or "image"
+
+
+def save_preprocessed(directory: Path, index: int, path: str | None, x: np.ndarray) -> Path:
+    """Write the 28x28 image the model saw as a PNG named after its position and input; returns its path."""
+    target = directory / f"{index:05d}-{_safe_name(path)}.png"
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    atomic_write_bytes(target, buffer.getvalue())
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table `digitlab predict` prints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def path_width(items: Sequence[InputItem], limit: int = 60) -> int:
+    return max([4] + [min(limit, len(i.path or "")) for i in items])
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def table_header(width: int) -> str:
+    return f"{'path':<{width}}  digit  confidence  top-3"
+
+
+def table_row(prediction: Prediction, width: int) -> str:
+    """One readable line: path, digit, confidence, the three likeliest digits (or the error)."""
+    path = _fit(prediction.path or "<image>", width)
+    if prediction.error is not None:
+        message = prediction.error
+        if prediction.path and message.startswith(prediction.path + ": "):
+            message = message[len(prediction.path) + 2:]
+        return f"{path:<{width}}  {'-':>5}  {'-':>10}  error: {message}"
+    digit = "-" if prediction.digit is None else str(prediction.digit)
+    top3 = ", ".join(f"{d} {p:.3f}" for d, p in prediction.top3 or [])
+    note = "  (rejected: below --reject-below)" if prediction.rejected else ""
+    return f"{path:<{width}}  {digit:>5}  {prediction.confidence:>10.4f}  {top3}{note}"

@@ -1,0 +1,169 @@
+"""The data commands end to end through `digitlab.cli.main`: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digitlab import cli, data
+
+from .conftest import write_dataset
+from .test_data import CORRUPTIONS, FILE_OF, MNIST_TEST_COUNTS, MNIST_TRAIN_COUNTS, STEMS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the `digitlab` entry point in this process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["digitlab", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_failure(code: int, err: str, *fragments: str) -> None:
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert lines[0].startswith("digitlab: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data(monkeypatch):
+    monkeypatch.delenv("DIGITLAB_DATA", raising=False)
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_explore_on_corrupt_data_fails_in_one_line(tmp_path, monkeypatch, capsys, case):
+    bad = write_dataset(tmp_path / "bad")
+    defect = CORRUPTIONS[case](bad)
+    code, out, err = run_main(monkeypatch, capsys, "explore", "--data", str(bad))
+    assert_one_line_failure(code, err, FILE_OF[case], defect)
+    assert out == ""
+
+
+def test_real_process_prints_one_line_and_no_traceback(tmp_path):
+    bad = write_dataset(tmp_path / "bad")
+    CORRUPTIONS["truncated"](bad)
+    env = {k: v for k, v in os.environ.items() if k != "DIGITLAB_DATA"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-m", "digitlab", "explore", "--data", str(bad)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == (f"digitlab: error: train-images-idx3-ubyte.gz: truncated: {16 + 512 * 784} bytes "
+                           "expected, 1000 found\n")
+
+
+def test_explore_and_grid(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
+    grid = tmp_path / "grid.png"
+    code, out, err = run_main(monkeypatch, capsys, "explore", "--data", str(tiny_mnist_dir), "--grid", str(grid),
+                              "--index", "1", "--seed", "2")
+    assert code == 0, err
+    assert "len(train_set) = 512" in out and "len(test_set)  = 128" in out and "item = train_set[1]" in out
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explore_option_errors(tiny_mnist_dir, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "explore", "--data", str(tiny_mnist_dir), "--index", "600")
+    assert_one_line_failure(code, err, "--index 600: out of range")
+    code, _, err = run_main(monkeypatch, capsys, "explore", "--data", str(tiny_mnist_dir), "--grid", "x.svg")
+    assert_one_line_failure(code, err, "--grid x.svg")
+    code, _, err = run_main(monkeypatch, capsys, "explore", "--data", str(tiny_mnist_dir), "--dataset", "emnist")
+    assert_one_line_failure(code, err, "unknown dataset 'emnist'")
+
+
+def test_tour_command(tiny_mnist_dir, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--device", "cpu",
+                              "--steps", "3", "--seed", "1")
+    assert code == 0, err
+    assert "input shape  [64, 1, 28, 28]" in out and "output shape [64, 10]" in out
+    code, _, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--steps", "0")
+    assert code == 2 and "--steps" in err  # a usage error
+    code, _, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--device", "tpu")
+    assert_one_line_failure(code, err, "--device 'tpu'")
+
+
+@pytest.fixture()
+def tiny_is_mnist(tiny_mnist_dir, monkeypatch) -> Path:
+    """Make the registered MNIST checksums those of the tiny data, so `data verify` can pass on it."""
+    md5 = {stem: data.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS}
+    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(data.DATASETS["mnist"], md5=md5))
+    return tiny_mnist_dir
+
+
+def test_data_verify_ok_and_mismatch(tiny_is_mnist, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "data", "verify", str(tiny_is_mnist))
+    assert code == 0, err
+    assert out.count("ok  ") == 4 and "all four files verified" in out
+    copy = Path(shutil.copytree(tiny_is_mnist, tmp_path / "copy"))
+    labels = copy / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[100] = (content[100] + 1) % 10  # one label changed, still a valid file
+    labels.write_bytes(gzip.compress(bytes(content)))
+    code, out, err = run_main(monkeypatch, capsys, "data", "verify", str(copy))
+    assert_one_line_failure(code, err, str(labels), "MD5 mismatch")
+
+
+def test_data_verify_finds_the_data_itself(tiny_is_mnist, monkeypatch, capsys):
+    monkeypatch.setenv("DIGITLAB_DATA", str(tiny_is_mnist))
+    code, out, err = run_main(monkeypatch, capsys, "data", "verify")
+    assert code == 0, err
+    assert f"MNIST in {tiny_is_mnist}: all four files verified" in out
+
+
+def test_data_verify_missing_dir(tmp_path, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "data", "verify", str(tmp_path / "nowhere"))
+    assert_one_line_failure(code, err, str(tmp_path / "nowhere" / "train-images-idx3-ubyte.gz"), "file not found")
+
+
+def test_data_where_lists_the_lookup_order(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIGITLAB_DATA", str(tmp_path / "env"))
+    code, out, err = run_main(monkeypatch, capsys, "data", "where", "--data", str(tiny_mnist_dir))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines == [f"found  {tiny_mnist_dir}", f"-      {tmp_path / 'env'}", f"-      {data.cache_dir()}"]
+
+
+@pytest.mark.realdata
+def test_explore_real_mnist_command(mnist_dir, tmp_path, monkeypatch, capsys):
+    grid = tmp_path / "grid.png"
+    code, out, err = run_main(monkeypatch, capsys, "explore", "--data", str(mnist_dir), "--grid", str(grid))
+    assert code == 0, err
+    assert "len(train_set) = 60000" in out and "len(test_set)  = 10000" in out
+    for digit, (a, b) in enumerate(zip(MNIST_TRAIN_COUNTS, MNIST_TEST_COUNTS)):
+        assert f"│     {digit} │  {a} │" in out and f"│ {b:>4} │" in out
+    assert "mean 0.1307  std 0.3081" in out
+    assert grid.is_file() and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+@pytest.mark.realdata
+def test_data_verify_real_mnist_and_a_changed_copy(mnist_dir, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "data", "verify", str(mnist_dir))
+    assert code == 0, err
+    assert out.count("ok  ") == 4
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for stem in STEMS:
+        shutil.copy(data.find_file(Path(mnist_dir), stem), copy)
+    target = data.find_file(copy, "t10k-images-idx3-ubyte")
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one byte of the copy
+    target.write_bytes(bytes(blob))
+    code, out, err = run_main(monkeypatch, capsys, "data", "verify", str(copy))
+    assert_one_line_failure(code, err, "t10k-images-idx3-ubyte.gz: ")
+    assert "MD5 mismatch" in err or "corrupt gzip data" in err
