@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from digitlab import data
+from digitlab import data, datafiles
 from digitlab.data import DataError
 
 from .conftest import REQUIRE_REALDATA, synthetic_digits, write_dataset
@@ -364,7 +364,7 @@ def closed_port_url() -> str:
 
 @pytest.fixture()
 def no_backoff(monkeypatch):
-    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(datafiles.time, "sleep", lambda seconds: None)
 
 
 def test_download_writes_verified_files(mirror, tmp_path):

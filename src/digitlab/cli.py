@@ -131,6 +131,10 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model; writes config, metrics, curves and checkpoints to a run dir."""
+    if resume is None:
+        from .datafiles import prefetch
+
+        prefetch(data_dir, dataset)  # read the files in the background while torch imports (below)
     from .training import TrainConfig, TrainingInterrupted
     from .training import train as run_train
 

@@ -28,9 +28,8 @@ from .devices import autocast, resolve_device, resolve_precision
 from .errors import DigitlabError
 from .evaluation import evaluate_tensors
 from .models import MODELS, build_model, count_parameters
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("none", "onecycle", "cosine")
 
 
 class ConfigError(DigitlabError, ValueError):
@@ -157,26 +156,6 @@ class Run:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type in ("cpu", "cuda")  # one fused kernel per step instead of one per tensor
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """A per-step learning-rate schedule (or None)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return None
-
-
 def augment_batch(x: torch.Tensor, generator: torch.Generator, background: float,
                   degrees: float = 10.0, scale: float = 0.1, shift_px: float = 2.0) -> torch.Tensor:
     """A random rotation, scale and shift per image, for a whole batch at once (one grid_sample call)."""
@@ -192,7 +171,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, background: float
     return F.grid_sample(x - background, grid, align_corners=False) + background
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: Optimizer | torch.optim.Optimizer,
                label_smoothing: float, amp_dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, update: the tutorial's step. Returns (loss, number correct) as tensors."""
@@ -308,8 +287,8 @@ class Trainer:
         if self.ctx.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = make_optimizer(model, cfg, self.device)
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.loader))
+        self.optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+        self.scheduler = make_schedule(cfg.schedule, self.optimizer, cfg.lr, cfg.epochs * len(self.loader))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.aug_generator = torch.Generator().manual_seed(cfg.seed + 1 + self.ctx.rank)
         self.epoch, self.step_in_epoch = 0, 0
@@ -330,9 +309,14 @@ class Trainer:
         state = checkpoint.load_state(self.out / "last")
         model, _ = checkpoint.load(self.out / "last", expect_model=self.cfg.model)
         self.model.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"{self.out / 'last.state.pt'}: optimizer state does not fit this run "
+                f"({exc.__class__.__name__}: {exc}); it was written by another digitlab version") from None
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         generators = state["aug_generator"]
