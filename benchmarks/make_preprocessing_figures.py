@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common import add_data_option, mnist_test_set  # noqa: E402
 from digitlab import data  # noqa: E402
 from digitlab.preprocessing import load_image, preprocess, preprocess_stages  # noqa: E402
 from digitlab.userlike import make_userlike, render  # noqa: E402
@@ -110,15 +110,10 @@ def userlike_figure(images: np.ndarray, path: Path, count: int = 10) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.environ.get("DIGITLAB_DATA"), help="MNIST dir (or $DIGITLAB_DATA)")
+    add_data_option(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "img"))
     args = parser.parse_args()
-    if not args.data:
-        parser.error("--data DIR (or $DIGITLAB_DATA) is required")
-    files = data.find_files(Path(args.data))
-    if files is None:
-        parser.error(f"--data {args.data}: the four MNIST files are not there")
-    images = np.array(data.read_images(files["test_images"])[:100])
+    images, _ = mnist_test_set(parser, args.data, 100)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages_figure(images, out / "preprocessing-stages.png")

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import add_data_option, mnist_test_set
+
 from digitlab import data
 from digitlab.userlike import make_userlike
 
@@ -61,19 +63,13 @@ def time_runs(name: str, checkpoint: str, target: str, device: str, repeats: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", default=os.environ.get("DIGITLAB_DATA"), help="MNIST dir (or $DIGITLAB_DATA)")
+    add_data_option(parser)
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--userlike", type=int, default=0, help="also time this many user-like photos")
     args = parser.parse_args()
-    if not args.data:
-        parser.error("--data DIR (or $DIGITLAB_DATA) is required")
-    files = data.find_files(Path(args.data))
-    if files is None:
-        parser.error(f"--data {args.data}: the four MNIST files are not there")
-    images = np.array(data.read_images(files["test_images"])[: args.count])
-    labels = np.array(data.read_labels(files["test_labels"])[: args.count])
+    images, labels = mnist_test_set(parser, args.data, args.count)
 
     with tempfile.TemporaryDirectory(prefix="digitlab-predict-bench-") as tmp:
         workdir = Path(tmp)

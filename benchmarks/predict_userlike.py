@@ -22,12 +22,11 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from digitlab import data
+from common import add_data_option, mnist_files, mnist_test_set
 from digitlab.prediction import Predictor
 from digitlab.userlike import make_userlike
 
@@ -54,19 +53,13 @@ def _predict_share(checkpoint: str, images: np.ndarray, seed: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", default=os.environ.get("DIGITLAB_DATA"), help="MNIST dir (or $DIGITLAB_DATA)")
+    add_data_option(parser)
     parser.add_argument("--count", type=int, default=10_000, help="test images to render (from the first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    if not args.data:
-        parser.error("--data DIR (or $DIGITLAB_DATA) is required")
-
-    files = data.find_files(Path(args.data))
-    if files is None:
-        parser.error(f"--data {args.data}: the four MNIST files are not there")
-    images = np.array(data.read_images(files["test_images"])[: args.count])
-    labels = np.array(data.read_labels(files["test_labels"])[: args.count])
+    images, labels = mnist_test_set(parser, args.data, args.count)
+    files = mnist_files(parser, args.data)
     n = len(images)
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")

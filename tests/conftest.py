@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,19 @@ def tiny_mnist_dir(tmp_path: Path) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch) -> None:
     """Tests never read or write the user's real cache dir (~/.cache/digitlab): XDG_CACHE_HOME points at a tmp dir."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+def run_main(monkeypatch, capsys, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run the `digitlab` entry point in this process; returns (exit code, stdout, stderr)."""
+    from digitlab import cli
+
+    monkeypatch.setattr(sys, "argv", ["digitlab", *args])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

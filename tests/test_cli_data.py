@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from digitlab import cli, data
+from digitlab import data
 
-from .conftest import write_dataset
+from .conftest import run_main, write_dataset
 from .test_data import CORRUPTIONS, FILE_OF, MNIST_TEST_COUNTS, MNIST_TRAIN_COUNTS, STEMS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `digitlab` entry point in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["digitlab", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_failure(code: int, err: str, *fragments: str) -> None:

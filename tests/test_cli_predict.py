@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -12,27 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitlab import cli, data
+from digitlab import data
 
-from .conftest import synthetic_digits
+from .conftest import run_main, synthetic_digits
 from .test_prediction import photo_png, save_checkpoint
 from .test_preprocessing import encoded, on_paper, ink_mask, png_bytes, to_u8
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_main(monkeypatch, capsys, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
-    """Run the `digitlab` entry point in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["digitlab", *args])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

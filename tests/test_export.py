@@ -15,10 +15,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from digitlab import checkpoint, cli, data
+from digitlab import checkpoint, data
 from digitlab import export as exp
 from digitlab.checkpoint import CheckpointInfo
 from digitlab.models import build_model
+
+from .conftest import run_main
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -64,15 +66,6 @@ def torch_logits(ckpt: Path, images: np.ndarray) -> torch.Tensor:
 
 def random_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process through main(), as the installed `digitlab` command does."""
-    monkeypatch.setattr(sys, "argv", ["digitlab", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -229,6 +226,8 @@ def verify(directory: str | Path, dataset: str | DatasetSpec = "mnist") -> dict[
 
 
 def _fetch(url: str, timeout: float, progress: Callable[[int, int | None], None] | None) -> bytes:
+    import urllib.request  # here, not at the top: it costs 50 ms at every start and only downloads need it
+
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = response.headers.get("Content-Length")
         total_bytes = int(total) if total and total.isdigit() else None
@@ -264,6 +263,9 @@ def download_dataset(
 def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int, timeout: float,
                        show_progress: bool) -> bytes:
     """Gzipped bytes of `stem` from the first mirror that serves them with the right MD5."""
+    import http.client
+    import urllib.error
+
     last_error = f"no mirror for {stem}"
     for mirror in spec.mirrors:
         url = f"{mirror}{stem}.gz"
