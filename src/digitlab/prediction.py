@@ -273,7 +273,8 @@ def _prepare_all(pool: ThreadPoolExecutor, workers: int, batch: Sequence[InputIt
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (N, classes), computed in float64, returned as float32."""
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -352,7 +353,7 @@ class Predictor:
         if len(x) == 0:
             return np.zeros((0, 10), dtype=np.float32)
         logits = [self._logits(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return _softmax(np.concatenate(logits))
+        return softmax(np.concatenate(logits))
 
     # -- images ------------------------------------------------------------------------------------------
 
@@ -399,30 +400,37 @@ class Predictor:
             return failed(_name_of(image), error or "unknown error")
         return from_probabilities(_name_of(image), self.predict_arrays(x[None])[0], x, None)
 
-    def explain(self, image: Any) -> dict[str, Any]:
-        """The prediction and each layer's activations for one image: {"prediction", "activations": {layer:
-        nested lists}}. CNN feature maps keep their first 8 channels; "logits" are before softmax."""
+    def _require_layers(self) -> None:
         if self.model is None or not hasattr(self.model, "hidden_activations"):
             raise PredictError("explain needs a PyTorch checkpoint (this model has no hidden activations)")
+
+    def activations(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Each layer's activations for one MNIST-like image (28, 28) in [0, 1], used as it is (no preprocessing):
+        {layer: array without the batch dimension}. CNN feature maps keep their first 8 channels; "logits" (10,)
+        are before softmax."""
+        self._require_layers()
         import torch
 
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(1, 1, 28, 28))  # (1, 1, 28, 28)
+        with self._lock, torch.inference_mode():
+            t = t.to(self.device)
+            if self.info.mean is not None and self.info.std is not None:
+                t = (t - self.info.mean) / self.info.std  # not in place: t may share memory with x
+            layers = self.model.hidden_activations(t)
+            values = {name: value[0].float().cpu().numpy() for name, value in layers.items()}  # drop batch dim
+        # (C, H, W): the first 8 feature maps are plenty to look at
+        return {name: value[:8] if value.ndim == 3 else value for name, value in values.items()}
+
+    def explain(self, image: Any) -> dict[str, Any]:
+        """The prediction and each layer's activations for one image, preprocessed as `predict` does:
+        {"prediction", "activations": {layer: nested lists}} (see `activations`)."""
+        self._require_layers()
         x, error = _prepare(InputItem(_name_of(image), source=image))
         if x is None:
             raise PredictError(error or "cannot read this image")
-        with self._lock, torch.inference_mode():
-            t = torch.from_numpy(x.reshape(1, 1, 28, 28)).to(self.device)  # (1, 1, 28, 28)
-            if self.info.mean is not None and self.info.std is not None:
-                t = (t - self.info.mean) / self.info.std  # not in place: t shares memory with x
-            layers = self.model.hidden_activations(t)
-            activations = {}
-            for name, value in layers.items():
-                value = value[0].float().cpu()  # drop the batch dimension
-                if value.ndim == 3:
-                    value = value[:8]  # (C, H, W): the first 8 feature maps are plenty to look at
-                activations[name] = value.tolist()
-        logits = np.asarray(activations["logits"], dtype=np.float32)[None]
-        prediction = from_probabilities(_name_of(image), _softmax(logits)[0], x, None)
-        return {"prediction": prediction, "activations": activations}
+        values = self.activations(x)
+        prediction = from_probabilities(_name_of(image), softmax(values["logits"][None])[0], x, None)
+        return {"prediction": prediction, "activations": {name: value.tolist() for name, value in values.items()}}
 
 
 def _name_of(image: Any) -> str | None:

@@ -10,7 +10,7 @@ Routes (OpenAPI reference at /docs):
 
 Robustness: every error is JSON {"error": "..."}; a body over the limit is refused with 413 before it is read
 (Content-Length) or as soon as the streamed bytes pass the limit; inference runs in a worker thread so the
-event loop never waits on the model, and a lock keeps one forward pass at a time on the one loaded model.
+event loop never waits on the model, and the Predictor's lock keeps one forward pass at a time on the one loaded model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import logging
 import math
 import socket
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -43,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .errors import DigitlabError
+from .prediction import PredictError, softmax
 
 DEFAULT_MAX_BODY_BYTES = 5_000_000
 STATIC_DIR = Path(__file__).with_name("static")
@@ -104,9 +104,6 @@ class InferenceService:
 
     def __init__(self, predictor: Any):
         self.predictor = predictor
-        # One forward pass at a time, whichever path runs it (predict_arrays or the activations below):
-        # concurrent passes would only fight over the same cores (torch already uses all of them for one).
-        self._lock = threading.Lock()
 
     def predict_bytes(self, data: bytes, explain: bool, name: str = "image") -> Answer:
         """An encoded image (PNG, JPEG, ...) -> Answer; raises InputError 400 (not an image) or 422 (blank).
@@ -132,13 +129,13 @@ class InferenceService:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(28, 28)
         if not x.any():
             raise InputError(422, '"pixels" is blank: no ink found (all pixels are 0)')
-        with self._lock:
-            if explain:
-                activations, logits = self._activations(x)
-                probabilities = softmax(logits)
-            else:
-                probabilities = np.asarray(self.predictor.predict_arrays(x[None]), dtype=np.float64)[0]
-                activations = None
+        # The Predictor runs one forward pass at a time (its own lock), whichever of these two paths runs it.
+        if explain:
+            activations, logits = self._activations(x)
+            probabilities = np.asarray(softmax(logits[None]), dtype=np.float64)[0]
+        else:
+            probabilities = np.asarray(self.predictor.predict_arrays(x[None]), dtype=np.float64)[0]
+            activations = None
         digit = int(np.argmax(probabilities))
         return Answer(
             digit=digit,
@@ -151,27 +148,15 @@ class InferenceService:
     def _activations(self, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         """Each layer's activations for one (28, 28) image in [0, 1] used as it is, and the logits (10,).
 
-        Predictor.explain takes an image and preprocesses it again; here the pixels are final (they are
-        preprocess's output, or an API client's MNIST-like pixels), so the model is run on them directly,
-        normalised as Predictor and training normalise them.
+        The pixels are final (preprocess's output, or an API client's MNIST-like pixels), so they go to
+        Predictor.activations, which does not preprocess again.
         """
-        import torch
-
-        model, info = self.predictor.model, self.predictor.info
-        if model is None or not hasattr(model, "hidden_activations"):
-            raise InputError(422, "explain=true needs a PyTorch model with hidden activations")
-        with torch.inference_mode():
-            t = torch.from_numpy(x.reshape(1, 1, 28, 28).copy()).to(self.predictor.device)  # (1, 1, 28, 28)
-            if info.mean is not None and info.std is not None:
-                t = (t - info.mean) / info.std
-            layers = model.hidden_activations(t)
-            values = {name: value[0].float().cpu().numpy() for name, value in layers.items()}  # drop batch dim
-        activations = {}
-        for name, value in values.items():
-            if value.ndim == 3:
-                value = value[:8]  # (C, H, W): the first 8 feature maps are plenty to look at
-            # 4 decimals are plenty for a heat map and halve the JSON
-            activations[name] = np.round(value.astype(np.float64), 4).tolist()
+        try:
+            values = self.predictor.activations(x)
+        except PredictError:
+            raise InputError(422, "explain=true needs a PyTorch model with hidden activations") from None
+        # 4 decimals are plenty for a heat map and halve the JSON
+        activations = {name: np.round(value.astype(np.float64), 4).tolist() for name, value in values.items()}
         return activations, values["logits"].astype(np.float64)
 
     def model_summary(self) -> dict[str, Any]:
@@ -192,11 +177,6 @@ class InferenceService:
             "device": str(self.predictor.device),
             "digitlab_version": __version__,
         }
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def json_safe(value: Any) -> Any:
