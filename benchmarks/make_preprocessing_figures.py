@@ -10,7 +10,6 @@ same seeds give the same pictures.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import add_data_option, mnist_test_set  # noqa: E402
-from digitlab import data  # noqa: E402
+from digitlab.figures import save_png  # noqa: E402
 from digitlab.preprocessing import load_image, preprocess, preprocess_stages  # noqa: E402
 from digitlab.userlike import make_userlike, render  # noqa: E402
 
@@ -52,12 +51,9 @@ def _rgb(image: Image.Image) -> np.ndarray:
 
 
 def _save(fig, path: Path) -> None:
-    """Write the figure as a PNG crash-safely (temp file, then rename)."""
     fig.tight_layout(pad=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=72)
+    save_png(fig, path, dpi=72)
     plt.close(fig)
-    data.atomic_write_bytes(path, buffer.getvalue())
 
 
 def chalk_on_board(digit: np.ndarray) -> Image.Image:

@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 from . import data
 from .devices import autocast, resolve_device
 from .errors import DigitlabError
+from .figures import new_figure, save_png
 
 SPLITS = ("test", "val", "train")
 
@@ -135,30 +136,11 @@ def evaluate(
     return report
 
 
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(report: Report, path: Path) -> Path:
-    plt = _pyplot()
     n = len(report.class_names)
     matrix = torch.tensor(report.confusion, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = new_figure(figsize=(7, 6))
+    ax = fig.subplots()
     # Log scale: the diagonal (~1000) would otherwise hide the handful of mistakes off it.
     image = ax.imshow((matrix + 1).log10(), cmap="Blues")
     for i in range(n):
@@ -174,15 +156,15 @@ def plot_confusion(report: Report, path: Path) -> Path:
     ax.set_title(f"{report.model} on {report.dataset} {report.split}: {report.accuracy:.2%}")
     fig.colorbar(image, ax=ax, label="log10(count + 1)")
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_png(fig, path, dpi=100)
 
 
 def plot_mistakes(report: Report, images: torch.Tensor, path: Path) -> Path:
-    plt = _pyplot()
     shown = report.mistakes
     cols = 6
     rows = max(1, -(-len(shown) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig = new_figure(figsize=(cols * 1.6, rows * 1.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, shown):
@@ -193,4 +175,4 @@ def plot_mistakes(report: Report, images: torch.Tensor, path: Path) -> Path:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("most confident mistakes", fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_png(fig, path, dpi=100)

@@ -5,7 +5,6 @@ Both are teaching texts: they print what they compute next to the code that comp
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from . import data
 from .devices import resolve_device
 from .errors import DigitlabError
+from .figures import new_figure, save_png
 from .models import build_model, count_parameters
 
 GRID_SIDE = 8  # the --grid PNG shows GRID_SIDE x GRID_SIDE training images
@@ -181,11 +181,6 @@ def _print_digit(out, image: torch.Tensor, title: str) -> None:
 
 def write_grid(mnist: data.MnistData, path: str | Path, seed: int = 0) -> Path:
     """Write a labelled GRID_SIDE x GRID_SIDE grid of seeded random training images as a PNG, atomically."""
-    # Lazy: matplotlib costs half a second to import. Figure + FigureCanvasAgg is the Agg backend without
-    # pyplot's global state, so this works in threads and with no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     path = Path(path)
     n = len(mnist.train_labels)
     picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:GRID_SIDE * GRID_SIDE].tolist()
@@ -193,8 +188,7 @@ def write_grid(mnist: data.MnistData, path: str | Path, seed: int = 0) -> Path:
     height, width = mnist.train_images.shape[1:]
     cell_h, cell_w, label_h = height + 12, width + 4, 10  # each cell: a label strip above a padded digit
     mosaic = np.zeros((GRID_SIDE * cell_h, GRID_SIDE * cell_w), dtype=np.uint8)  # 0 draws as white (gray_r)
-    fig = Figure(figsize=(GRID_SIDE * 1.1, GRID_SIDE * 1.1 * cell_h / cell_w + 0.4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(GRID_SIDE * 1.1, GRID_SIDE * 1.1 * cell_h / cell_w + 0.4), dpi=100)
     ax = fig.add_axes((0.01, 0.01, 0.98, 0.98 - 0.4 / fig.get_figheight()))
     ax.axis("off")
     named = any(name != str(i) for i, name in enumerate(mnist.spec.class_names))
@@ -208,10 +202,8 @@ def write_grid(mnist: data.MnistData, path: str | Path, seed: int = 0) -> Path:
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     fig.suptitle(f"{mnist.spec.title}: {len(picks)} training images with their labels (seed {seed})",
                  y=1 - 0.1 / fig.get_figheight(), va="top")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
     try:
-        data.atomic_write_bytes(path, buffer.getvalue())  # temp file + os.replace: never a half-written PNG
+        save_png(fig, path)
     except OSError as exc:
         raise ExploreError(f"--grid {path}: cannot write: {exc.strerror or exc}") from None
     return path

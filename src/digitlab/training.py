@@ -27,6 +27,7 @@ from . import checkpoint, data, distributed
 from .devices import autocast, resolve_device, resolve_precision
 from .errors import DigitlabError
 from .evaluation import evaluate_tensors
+from .figures import new_figure, save_png
 from .models import MODELS, build_model, count_parameters
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
 
@@ -514,13 +515,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Run:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     # The train loss is measured against the label-smoothed targets, so it sits above the val loss.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (smoothed targets)")
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
@@ -533,10 +530,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, dpi=100)
 
 
 def _console():
