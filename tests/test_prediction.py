@@ -120,9 +120,12 @@ def test_idx_file_predictions_are_exactly_the_models(tmp_path, predictor):
 def test_idx_labels_file_and_broken_idx_are_per_item_errors(tmp_path, predictor):
     data.write_idx(tmp_path / "labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
     (tmp_path / "broken-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")
-    result = predictor.predict([str(tmp_path / "labels-idx1-ubyte.gz"), str(tmp_path / "broken-idx3-ubyte")])
+    (tmp_path / "bad-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip at all" * 4)
+    result = predictor.predict([str(tmp_path / "labels-idx1-ubyte.gz"), str(tmp_path / "broken-idx3-ubyte"),
+                                str(tmp_path / "bad-idx3-ubyte.gz")])
     assert "an IDX labels file, not images" in result[0].error
     assert "truncated" in result[1].error and result[1].digit is None
+    assert result[2].error.startswith(f"{tmp_path / 'bad-idx3-ubyte.gz'}: corrupt gzip data") and result[2].digit is None
 
 
 def test_folders_are_searched_recursively_in_sorted_order(tmp_path):

@@ -18,7 +18,6 @@ import io
 import os
 import sys
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DigitlabError
-from .idx import IMAGES_MAGIC, atomic_write_bytes, parse_idx
+from .idx import IMAGES_MAGIC, atomic_write_bytes, gunzip, parse_idx
 from .preprocessing import IMAGE_SUFFIXES, load_image, preprocess
 
 IDX_SUFFIXES = (".idx", ".idx3", ".idx3-ubyte", "-ubyte", ".gz")
@@ -122,14 +121,10 @@ def _looks_like_idx(head: bytes) -> bool:
 
 def _idx_items(raw: bytes, name: str) -> list[InputItem]:
     """One item per image of an IDX images file (raw bytes, gzipped or not)."""
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = zlib.decompress(raw, 31)
-        except zlib.error as exc:
-            return [InputItem(name, error=f"{name}: corrupt gzip data ({exc})")]
-    if raw[:4] == b"\x00\x00\x08\x01":
-        return [InputItem(name, error=f"{name}: an IDX labels file, not images")]
     try:
+        raw = gunzip(raw, name)
+        if raw[:4] == b"\x00\x00\x08\x01":
+            return [InputItem(name, error=f"{name}: an IDX labels file, not images")]
         images = parse_idx(raw, name, expect_magic=IMAGES_MAGIC)
     except DigitlabError as exc:
         return [InputItem(name, error=str(exc))]
