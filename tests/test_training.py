@@ -17,7 +17,7 @@ from digitlab import checkpoint, training
 from digitlab.models import build_model
 from digitlab.training import TrainConfig, TrainingInterrupted, augment_batch, train, train_step
 
-from .conftest import write_dataset
+from .conftest import run_main, write_dataset
 
 
 def tiny_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
@@ -142,6 +142,20 @@ def test_bad_config_values_are_rejected(override, message, tmp_path):
 def test_resume_of_a_dir_that_is_not_a_run(tmp_path):
     with pytest.raises(training.ConfigError, match="no config.json"):
         train(TrainConfig(resume=str(tmp_path), quiet=True))
+
+
+def test_resume_with_optimizer_state_from_another_version_is_a_one_line_error(tiny_mnist_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A last.state.pt whose optimizer state has another layout (e.g. torch.optim's) cannot be resumed."""
+    run = train(tiny_config(tiny_mnist_dir, tmp_path / "run", epochs=1))
+    state_path = run.dir / "last.state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["optimizer"] = {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}  # torch.optim's layout
+    torch.save(state, state_path)
+    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run.dir), "--quiet")
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{state_path}: optimizer state does not fit this run" in err
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
