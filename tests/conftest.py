@@ -87,3 +87,28 @@ def run_main(monkeypatch, capsys, *args: str, stdin: bytes | None = None) -> tup
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict | None = None, epoch: int = 0,
+                           random_batch_norm: bool = False) -> Path:
+    """An untrained, seeded model saved as a real checkpoint at `base` (e.g. DIR/best); returns its .safetensors.
+
+    random_batch_norm: give the CNN's batch-norm running statistics non-trivial values, so that they matter.
+    """
+    import torch
+
+    from digitlab import checkpoint
+    from digitlab.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name)
+    if random_batch_norm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    info = checkpoint.CheckpointInfo(model=name, model_config={}, mean=data.MNIST_MEAN, std=data.MNIST_STD,
+                                     class_names=[str(d) for d in range(10)], metrics=dict(metrics or {}),
+                                     epoch=epoch)
+    checkpoint.save(base, model, info)
+    return Path(base).with_suffix(".safetensors")

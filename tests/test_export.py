@@ -17,27 +17,11 @@ import torch
 
 from digitlab import checkpoint, data
 from digitlab import export as exp
-from digitlab.checkpoint import CheckpointInfo
-from digitlab.models import build_model
 
-from .conftest import run_main
+from .conftest import run_main, save_random_checkpoint
 
 MEAN, STD = 0.1307, 0.3081
 
-
-def save_checkpoint(base: Path, name: str, seed: int = 0) -> Path:
-    """A random-weight checkpoint; CNN batch-norm statistics are made non-trivial so they matter in the graph."""
-    torch.manual_seed(seed)
-    model = build_model(name)
-    if name == "cnn":
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    info = CheckpointInfo(model=name, model_config={}, mean=MEAN, std=STD,
-                          class_names=[str(d) for d in range(10)], metrics={"test_accuracy": 0.1234}, epoch=3)
-    checkpoint.save(base, model, info)
-    return base.with_suffix(".safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +31,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(workdir) -> dict[str, Path]:
-    return {name: save_checkpoint(workdir / name, name) for name in ("mlp", "cnn")}
+    return {name: save_random_checkpoint(workdir / name, name, metrics={"test_accuracy": 0.1234}, epoch=3,
+                                         random_batch_norm=True) for name in ("mlp", "cnn")}
 
 
 @pytest.fixture(scope="module")

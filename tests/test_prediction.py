@@ -12,25 +12,20 @@ import pytest
 import torch
 from PIL import Image
 
-from digitlab import checkpoint, data
-from digitlab.checkpoint import CheckpointInfo
+from digitlab import data
 from digitlab.data import MNIST_MEAN, MNIST_STD
-from digitlab.models import build_model
 from digitlab.prediction import InputItem, Prediction, PredictError, Predictor, expand_inputs
 
-from .conftest import synthetic_digits
+from .conftest import save_random_checkpoint, synthetic_digits
 from .test_preprocessing import ink_mask, on_paper, png_bytes, to_u8
 
 USERLIKE_COUNT = 1000  # realdata check: enough for a 1.5-point margin to mean something, small enough for CI
 
 
+
 def save_checkpoint(directory: Path, name: str, seed: int = 0) -> Path:
-    """An untrained but deterministic model saved as a real checkpoint."""
-    torch.manual_seed(seed)
-    model = build_model(name).eval()
-    info = CheckpointInfo(model=name, model_config={}, mean=MNIST_MEAN, std=MNIST_STD,
-                          class_names=[str(i) for i in range(10)])
-    checkpoint.save(directory / "best", model, info)
+    """An untrained but deterministic model saved as DIR/best; returns DIR (a run dir)."""
+    save_random_checkpoint(directory / "best", name, seed)
     return directory
 
 

@@ -27,11 +27,11 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*httpx2")
     from starlette.testclient import TestClient
 
-from digitlab import checkpoint
-from digitlab.checkpoint import CheckpointInfo
-from digitlab.models import build_model, count_parameters
+from digitlab.models import count_parameters
 
-MEAN, STD = 0.1307, 0.3081
+from .conftest import save_random_checkpoint
+
+SIDECAR_METRICS = {"test_accuracy": 0.1234, "test_loss": float("nan")}  # NaN: JSON must cope
 LIMIT = 50_000  # a small body limit so the 413 tests send little
 
 
@@ -39,14 +39,6 @@ LIMIT = 50_000  # a small body limit so the 413 tests send little
 # Fixtures: random-weight checkpoints, the app, images
 # ----------------------------------------------------------------------------------------------------------
 
-
-def save_checkpoint(base: Path, name: str, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = build_model(name)
-    info = CheckpointInfo(model=name, model_config={}, mean=MEAN, std=STD, class_names=[str(d) for d in range(10)],
-                          metrics={"test_accuracy": 0.1234, "test_loss": float("nan")}, epoch=2)
-    checkpoint.save(base, model, info)
-    return base.with_suffix(".safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def ckpt_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlp_path(ckpt_dir) -> Path:
-    return save_checkpoint(ckpt_dir / "mlp", "mlp")
+    return save_random_checkpoint(ckpt_dir / "mlp", "mlp", metrics=SIDECAR_METRICS, epoch=2)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +258,8 @@ def test_explain_cnn_adds_feature_maps(ckpt_dir):
     from digitlab.prediction import Predictor
     from digitlab.serving import create_app
 
-    cnn = Predictor.from_checkpoint(save_checkpoint(ckpt_dir / "cnn", "cnn"), device="cpu")
+    cnn = Predictor.from_checkpoint(save_random_checkpoint(ckpt_dir / "cnn", "cnn", metrics=SIDECAR_METRICS,
+                                                     epoch=2), device="cpu")
     with TestClient(create_app(cnn)) as c:
         data = png_bytes(digit_array(0))
         body = c.post("/api/predict?explain=true", files={"file": ("0.png", data, "image/png")}).json()
