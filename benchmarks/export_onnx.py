@@ -36,7 +36,7 @@ def onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def torch_runner(ckpt: Path) -> Callable[[np.ndarray], np.ndarray]:
     model, info = checkpoint.load(ckpt)
-    module = exp.pixel_model(model, info.mean, info.std)  # the same pixels-in graph the export holds
+    module = exp.pixel_model(model, info.mean, info.std, info.temperature)  # the same pixels-in graph the export holds
 
     def run(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

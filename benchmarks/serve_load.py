@@ -9,6 +9,8 @@ for /healthz, then runs each scenario in turn against the same server:
     upload           POST /api/predict, multipart PNG of an MNIST test digit (what a script would send)
     upload+explain   the same with ?explain=true (what the drawing page sends on every update)
     pixels           POST /api/predict, JSON {"pixels": [784 numbers]} (no decoding, no preprocessing)
+    python benchmarks/serve_load.py --costs     # instead: the ms of a saliency map, the memory of a big PNG
+
 Each scenario stops after --duration seconds or --max-requests requests, whichever comes first, after a short
 warm-up. Prints requests/s, p50/p90/p99/max latency and the error count (any non-200 answer, or a 200 whose
 body is not a digit); exits 1 if there was any error. Without --checkpoint a seeded random-weight MLP is used:
@@ -91,8 +93,8 @@ def requests_for(scenario: str, images: list[np.ndarray], host: str, port: int) 
     return [encode(host, port, path, files={"file": ("digit.png", png(img), "image/png")}) for img in images]
 
 
-def random_checkpoint(directory: Path) -> Path:
-    """A seeded random-weight MLP checkpoint: serving cost does not depend on the weights."""
+def random_checkpoint(directory: Path, model: str = "mlp") -> Path:
+    """A seeded random-weight checkpoint (MLP by default): serving cost does not depend on the weights."""
     import torch
 
     from digitlab import checkpoint
@@ -100,8 +102,8 @@ def random_checkpoint(directory: Path) -> Path:
     from digitlab.models import build_model
 
     torch.manual_seed(0)
-    base = directory / "random-mlp"
-    checkpoint.save(base, build_model("mlp"), CheckpointInfo(model="mlp", model_config={}, mean=0.1307,
+    base = directory / f"random-{model}"
+    checkpoint.save(base, build_model(model), CheckpointInfo(model=model, model_config={}, mean=0.1307,
                                                              std=0.3081, class_names=[str(d) for d in range(10)]))
     return base.with_suffix(".safetensors")
 
@@ -239,7 +241,72 @@ async def run_scenario(host: str, port: int, scenario: str, requests: list[Reque
     return result
 
 
+MEMORY_SCRIPT = """
+import resource, sys
+import numpy as np
+from digitlab.preprocessing import load_image, preprocess
+from digitlab.serving import InferenceService
+
+class Info:
+    temperature = 1.0
+service = InferenceService(type("P", (), {"info": Info()})(), max_image_pixels=45_000_000)
+data = open(sys.argv[2], "rb").read()
+preprocess(np.zeros((28, 28), np.float32) + np.eye(28, dtype=np.float32))  # warm up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "before":
+    x = preprocess(load_image(data, name="big.png"))  # what the server did: full-size decode, float copies
+else:
+    x = preprocess(service.decode(data, "big.png"))  # decoded and reduced at once
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def costs() -> None:
+    """The ms of one saliency map (integrated gradients, 32 steps, vs occlusion of 4x4 patches at stride 2)
+    for each model, and the peak memory of decoding a 6320x6320 RGBA PNG the old way and the new way."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from test_serving import big_png  # a PNG written row by row: a few kB, never whole in memory
+
+    from digitlab.prediction import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        for name in ("mlp", "cnn"):
+            path = random_checkpoint(Path(tmp), name)
+            predictor = Predictor.from_checkpoint(path, device="cpu")
+            x = sample_digits(None, 1)[0].astype(np.float32) / 255
+            patches = [(i, j) for i in range(0, 26, 2) for j in range(0, 26, 2)]
+
+            def occlusion() -> None:
+                batch = np.repeat(x[None], len(patches), axis=0)
+                for k, (i, j) in enumerate(patches):
+                    batch[k, i:i + 4, j:j + 4] = 0
+                predictor.predict_arrays(batch)
+
+            for label, run in [("integrated gradients, 32 steps", lambda: predictor.saliency(x)),
+                               (f"occlusion, {len(patches)} patches", occlusion)]:
+                run()
+                times = []
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(1000 * (time.perf_counter() - t0))
+                print(f"{name}: {label}: median {statistics.median(times):.1f} ms, min {min(times):.1f} ms")
+        png_path = Path(tmp) / "big.png"
+        png_path.write_bytes(big_png(6320, 6320))
+        for way in ("before", "after"):
+            out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, way, str(png_path)], capture_output=True,
+                                 text=True, check=True)
+            print(f"6320x6320 RGBA PNG ({png_path.stat().st_size / 1000:.0f} kB), {way}: peak memory grew "
+                  f"{float(out.stdout.strip()):.0f} MB")
+
+
 def main() -> None:
+    if "--costs" in sys.argv[1:]:
+        costs()
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: a seeded random-weight MLP")
     parser.add_argument("--data", default=None, help="MNIST dir (default $DIGITLAB_DATA; else synthetic strokes)")

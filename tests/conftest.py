@@ -90,7 +90,7 @@ def run_main(monkeypatch, capsys, *args: str, stdin: bytes | None = None) -> tup
 
 
 def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict | None = None, epoch: int = 0,
-                           random_batch_norm: bool = False) -> Path:
+                           random_batch_norm: bool = False, temperature: float = 1.0) -> Path:
     """An untrained, seeded model saved as a real checkpoint at `base` (e.g. DIR/best); returns its .safetensors.
 
     random_batch_norm: give the CNN's batch-norm running statistics non-trivial values, so that they matter.
@@ -109,6 +109,6 @@ def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict |
                 module.running_var.uniform_(0.5, 2.0)
     info = checkpoint.CheckpointInfo(model=name, model_config={}, mean=data.MNIST_MEAN, std=data.MNIST_STD,
                                      class_names=[str(d) for d in range(10)], metrics=dict(metrics or {}),
-                                     epoch=epoch)
+                                     epoch=epoch, temperature=temperature)
     checkpoint.save(base, model, info)
     return Path(base).with_suffix(".safetensors")

@@ -10,12 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from digitlab import data
 
-from .conftest import run_main, write_dataset
-from .test_data import CORRUPTIONS, FILE_OF, MNIST_TEST_COUNTS, MNIST_TRAIN_COUNTS, STEMS
+from .conftest import run_main, save_random_checkpoint, write_dataset
+from .test_data import (
+    CORRUPTIONS,
+    FILE_OF,
+    MNIST_TEST_COUNTS,
+    MNIST_TRAIN_COUNTS,
+    STEMS,
+    gzip_bomb,
+    peak_traced_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +93,61 @@ def test_tour_command(tiny_mnist_dir, monkeypatch, capsys):
     assert code == 2 and "--steps" in err  # a usage error
     code, _, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--device", "tpu")
     assert_one_line_failure(code, err, "--device 'tpu'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 11: gzip bombs (6), images of the wrong size (7), symbolic link loops (8), through the commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_explore_on_a_gzip_bomb_fails_in_one_line_with_bounded_memory(tmp_path, monkeypatch, capsys):
+    """Issue 11.6: explore reached 4.46 GB RSS on a 1.9 MB gzip before its count check."""
+    bad = write_dataset(tmp_path / "bomb")
+    (bad / "train-images-idx3-ubyte.gz").write_bytes(gzip_bomb())
+    result: list = []
+    peak = peak_traced_bytes(lambda: result.append(run_main(monkeypatch, capsys, "explore", "--data", str(bad))))
+    code, out, err = result[0]
+    assert_one_line_failure(code, err, "train-images-idx3-ubyte.gz", "trailing bytes: 7856 bytes expected")
+    assert out == "" and peak < 20 << 20, peak
+
+
+def odd_sized(directory: Path, shape: tuple[int, int]) -> Path:
+    """A dataset whose images hold 784 pixels each, but not as 28x28."""
+    write_dataset(directory)
+    for stem, n in (("train-images-idx3-ubyte", 512), ("t10k-images-idx3-ubyte", 128)):
+        data.write_idx(directory / f"{stem}.gz", np.zeros((n, *shape), dtype=np.uint8))
+    return directory
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("shape", [(1, 784), (14, 56)])
+def test_train_refuses_images_the_models_cannot_take(tmp_path, monkeypatch, capsys, model, shape):
+    """Issue 11.7: the MLP trained on 1x784 or 14x56 images silently, the CNN died with a 30-frame traceback."""
+    monkeypatch.setenv("DIGITLAB_THREADS", "off")  # leave this test process's torch threads alone
+    bad = odd_sized(tmp_path / "odd", shape)
+    code, out, err = run_main(monkeypatch, capsys, "train", "--model", model, "--data", str(bad), "--epochs", "1",
+                              "--quiet", "--out", str(tmp_path / "run"))
+    assert_one_line_failure(code, err, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels",
+                            "MNIST images are 28x28")
+    assert out == ""
+
+
+def test_evaluate_refuses_images_the_models_cannot_take(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIGITLAB_THREADS", "off")
+    bad = odd_sized(tmp_path / "odd", (14, 56))
+    checkpoint = save_random_checkpoint(tmp_path / "run" / "best", "cnn")
+    code, _, err = run_main(monkeypatch, capsys, "evaluate", "--checkpoint", str(checkpoint), "--data", str(bad),
+                              "--no-plots")
+    assert_one_line_failure(code, err, "train-images-idx3-ubyte.gz", "images are 14x56 pixels")
+
+
+def test_explore_with_a_symlink_loop_as_data_dir_says_so(tmp_path, monkeypatch, capsys):
+    """Issue 11.8: a link loop in --data was reported as missing files, and a download was tried."""
+    monkeypatch.setattr("digitlab.datafiles.download_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop.name)
+    code, _, err = run_main(monkeypatch, capsys, "explore", "--data", str(loop))
+    assert_one_line_failure(code, err, f"{loop}: symbolic link loop")
 
 
 @pytest.fixture()

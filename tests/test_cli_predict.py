@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from digitlab import data
+from digitlab import data, prediction
+from digitlab.prediction import MAX_INPUT_BYTES, InputItem, expand_inputs
 
 from .conftest import run_main, synthetic_digits
+from .test_data import gzip_bomb
 from .test_prediction import photo_png, save_checkpoint
-from .test_preprocessing import encoded, on_paper, ink_mask, png_bytes, to_u8
+from .test_preprocessing import encoded, ink_mask, on_paper, png_bytes, to_u8
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,6 +171,112 @@ def test_image_over_the_pixel_limit(monkeypatch, capsys, ckpt, good, tmp_path):
     assert code == 1
     assert err.strip() == (f"digitlab: error: {huge}: image too large: 8000x6000 = 48.0 megapixels "
                            "(the limit is 40 megapixels)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 11.8: only regular files are read (no FIFO hangs, no /dev/zero), size-capped; link loops named
+# ----------------------------------------------------------------------------------------------------------
+
+
+def expand_within(args: list, seconds: float = 20.0) -> list[InputItem]:
+    """expand_inputs on a thread: a regression that blocks (opening a FIFO) fails the test instead of hanging it."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(expand_inputs(args)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"expand_inputs({args}) still blocked after {seconds} s"
+    return result[0]
+
+
+def test_fifo_in_a_folder_is_an_error_line_not_a_hang(tmp_path, good):
+    """Issue 11.8: a FIFO inside a folder given to predict hung it forever."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(good.read_bytes())
+    os.mkfifo(folder / "pipe.png")
+    items = expand_within([str(folder)])
+    assert [i.path for i in items] == [str(folder / "a.png"), str(folder / "pipe.png")]
+    assert items[0].error is None
+    assert items[1].error == f"{folder / 'pipe.png'}: a FIFO (named pipe), not a regular file (predict reads only " \
+                             "regular files)"
+
+
+def test_real_process_with_a_fifo_in_the_folder_finishes(ckpt, good, tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(good.read_bytes())
+    os.mkfifo(folder / "b.png")
+    result = subprocess.run([sys.executable, "-m", "digitlab", "predict", "--checkpoint", ckpt, "--json", str(folder)],
+                            capture_output=True, timeout=120, cwd=REPO, check=False)
+    assert result.returncode == 1, result.stderr
+    records = json_lines(result.stdout.decode())
+    assert isinstance(records[0]["digit"], int) and "a FIFO (named pipe)" in records[1]["error"]
+    assert result.stderr.decode().splitlines() == [f"digitlab: error: {records[1]['error']}"]
+
+
+def test_devices_are_refused_unread(monkeypatch, capsys, ckpt, good):
+    """Issue 11.8: /dev/zero was read until memory ran out."""
+    assert expand_within(["/dev/zero"])[0].error == \
+        "/dev/zero: a character device, not a regular file (predict reads only regular files)"
+    code, out, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "/dev/zero", str(good))
+    assert code == 1 and err.strip() == "digitlab: error: /dev/zero: a character device, not a regular file " \
+                                        "(predict reads only regular files)"
+    records = json_lines(out)
+    assert records[0]["digit"] is None and isinstance(records[1]["digit"], int)
+
+
+def test_socket_is_refused(tmp_path):
+    path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        assert expand_within([str(path)])[0].error.startswith(f"{path}: a socket, not a regular file")
+
+
+def test_files_over_the_size_cap_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(prediction, "MAX_INPUT_BYTES", 1000)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(2000))
+    idx_file = tmp_path / "big-idx3-ubyte"
+    data.write_idx(idx_file, np.zeros((3, 28, 28), np.uint8))
+    items = expand_within([str(big), str(idx_file)])
+    assert [i.error for i in items] == [f"{big}: file too large: 2004 bytes (the limit is 1000 bytes)",
+                                        f"{idx_file}: file too large: {16 + 3 * 784} bytes (the limit is 1000 bytes)"]
+    assert prediction.MAX_INPUT_BYTES == 1000 and 32 << 20 <= MAX_INPUT_BYTES <= 256 << 20  # a sensible default
+
+
+def test_stdin_is_read_no_further_than_the_cap(monkeypatch):
+    monkeypatch.setattr(prediction, "MAX_INPUT_BYTES", 1000)
+    with open("/dev/zero", "rb") as zero:  # endless: only the cap stops the read
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(zero))
+        raw = prediction.read_stdin()
+    assert len(raw) == 1001
+    item, = expand_inputs(["-"], stdin=lambda: raw)
+    assert item.error == "<stdin>: input too large: over 1000 bytes"
+
+
+def test_symlink_loops_get_their_own_message(monkeypatch, capsys, ckpt, good, tmp_path):
+    """Issue 11.8: a link loop is named as one, given directly or met in a folder, whatever its name."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(good.read_bytes())
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "noname").symlink_to("noname")
+    (folder / "up").symlink_to("..")  # a cycle of folders: not followed, so the walk ends
+    items = expand_within([str(folder), str(folder / "loop.png")])
+    loop = "symbolic link loop (the link leads back to itself)"
+    assert [(i.path, i.error) for i in items] == [
+        (str(folder / "a.png"), None), (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}"),
+        (str(folder / "noname"), f"{folder / 'noname'}: {loop}"), (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}")]
+    code, _, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, str(folder / "loop.png"))
+    assert code == 1 and err.strip() == f"digitlab: error: {folder / 'loop.png'}: {loop}"
+
+
+def test_gzip_bomb_as_an_idx_input_is_refused(tmp_path):
+    """Issue 11.6 through predict: an IDX input is decompressed no further than its header says."""
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    bomb.write_bytes(gzip_bomb())
+    items = expand_within([str(bomb)])
+    assert len(items) == 1 and "trailing bytes: 7856 bytes expected" in items[0].error
 
 
 @pytest.mark.parametrize("given, defect", [

@@ -13,6 +13,8 @@ import socket
 import struct
 import tempfile
 import threading
+import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from digitlab import data, datafiles
+from digitlab import data, datafiles, idx
 from digitlab.data import DataError
 
 from .conftest import REQUIRE_REALDATA, synthetic_digits, write_dataset
@@ -236,6 +238,115 @@ def test_directory_in_place_of_a_file_does_not_count(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Issue 11: gzip bombs (6), images of the wrong size (7), symbolic link loops (8)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def gzip_bomb(claimed_images: int = 10, zeros: int = 200 << 20) -> bytes:
+    """A valid IDX header claiming `claimed_images` 28x28 images, then `zeros` zero bytes, gzipped a megabyte at a
+    time (never 200 MB in memory): about 200 kB that expand to 200 MB."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    parts = [packer.compress(struct.pack(">IIII", data.IMAGES_MAGIC, claimed_images, 28, 28))]
+    block = bytes(1 << 20)
+    parts.extend(packer.compress(block) for _ in range(zeros >> 20))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def peak_traced_bytes(action: Callable[[], object]) -> int:
+    """The peak of Python's allocations (all threads, bytes objects included) while `action` runs."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(DataError):
+            action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_gzip_bomb_is_refused_after_the_size_its_header_gives(tmp_path):
+    """Issue 11.6: a 200 kB gzip expanding to 200 MB was decompressed whole before the size check."""
+    bomb = gzip_bomb()
+    assert len(bomb) < 1_000_000
+    d = write_dataset(tmp_path / "bomb")
+    (d / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    with pytest.raises(DataError) as exc:
+        data.load(d, download=False)
+    assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"trailing bytes: {16 + 10 * 784} bytes expected")
+    data._CACHE.clear()
+    peak = peak_traced_bytes(lambda: data.load(d, download=False))
+    assert peak < 20 << 20, f"{peak / 2**20:.0f} MB allocated reading a 200 MB gzip bomb"
+
+
+def test_gzip_with_a_few_trailing_bytes_is_still_reported_exactly():
+    raw = data.encode_idx(np.zeros((2, 28, 28), np.uint8)) + b"\x00" * 3
+    with pytest.raises(DataError, match=f"trailing bytes: {16 + 2 * 784} bytes expected, {19 + 2 * 784} found"):
+        data.parse_idx(idx.gunzip(gzip.compress(raw), "x.gz"), "x.gz")
+
+
+def test_gzip_bomb_behind_an_absurd_header_stops_at_the_ceiling(tmp_path, monkeypatch):
+    """A header that claims more than MAX_IDX_BYTES cannot stretch the cap: the stream stops at the ceiling."""
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 8 << 20)
+    bomb = gzip_bomb(claimed_images=2**31)
+    peak = peak_traced_bytes(lambda: idx.gunzip(bomb, "big.gz"))
+    with pytest.raises(DataError, match=r"^big.gz: header claims \d+ bytes, more than digitlab reads"):
+        idx.gunzip(bomb, "big.gz")
+    assert peak < 30 << 20, peak
+
+
+def test_truncated_gzip_stream_is_corrupt_gzip():
+    packed = gzip.compress(data.encode_idx(np.arange(5 * 784, dtype=np.uint32).astype(np.uint8).reshape(5, 28, 28)))
+    with pytest.raises(DataError, match="^x.gz: corrupt gzip data"):
+        idx.gunzip(packed[:-20], "x.gz")
+
+
+@pytest.mark.parametrize("shape", [(1, 784), (14, 56), (32, 32)])
+def test_images_of_a_size_the_models_cannot_take_are_refused(tmp_path, shape):
+    """Issue 11.7: 1x784 or 14x56 "MNIST" images were loaded, the MLP trained on them, the CNN crashed."""
+    d = write_dataset(tmp_path / "odd")
+    for stem, n in (("train-images-idx3-ubyte", 512), ("t10k-images-idx3-ubyte", 128)):
+        images = np.zeros((n, *shape), dtype=np.uint8)
+        data.write_idx(d / f"{stem}.gz", images)
+    with pytest.raises(DataError) as exc:
+        data.load(d, download=False)
+    assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels; "
+                          "MNIST images are 28x28")
+
+
+def test_only_the_test_images_of_the_wrong_size(tmp_path):
+    d = write_dataset(tmp_path / "odd")
+    data.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((128, 1, 784), dtype=np.uint8))
+    with pytest.raises(DataError) as exc:
+        data.load(d, download=False)
+    assert_one_line_error(exc, "t10k-images-idx3-ubyte.gz", "images are 1x784 pixels")
+
+
+def test_symlink_loop_in_place_of_a_file_is_named_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    """Issue 11.8: a link loop was taken for a missing file, and the files were downloaded."""
+    monkeypatch.delenv("DIGITLAB_DATA", raising=False)
+    monkeypatch.setattr(datafiles, "download_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    d = write_dataset(tmp_path / "looped")
+    link = d / "train-images-idx3-ubyte.gz"
+    link.unlink()
+    link.symlink_to(link.name)
+    with pytest.raises(DataError) as exc:
+        data.load(d)
+    assert_one_line_error(exc, str(link), "symbolic link loop")
+
+
+def test_symlink_loop_as_the_data_dir_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIGITLAB_DATA", raising=False)
+    monkeypatch.setattr(datafiles, "download_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    with pytest.raises(DataError) as exc:
+        data.load(loop)
+    assert str(exc.value) == f"{loop}: symbolic link loop (the link leads back to itself)"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Finding the data
 # ----------------------------------------------------------------------------------------------------------
 
@@ -323,7 +434,7 @@ def test_load_is_cached_and_reloads_changed_files(tiny_mnist_dir):
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+    def log_message(self, format, *args):
         pass
 
 

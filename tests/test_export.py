@@ -100,6 +100,7 @@ def test_onnx_metadata(exported):
     assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {exp.DEFAULT_OPSET}
     loaded = exp.OnnxModel(path)
     assert loaded.model_name == "cnn" and loaded.class_names == [str(d) for d in range(10)]
+    assert meta[exp.DIGEST_KEY] == exp.graph_digest(path.read_bytes())
 
 
 def test_onnx_input_is_raw_pixels_not_normalised(exported, checkpoints):
@@ -139,7 +140,7 @@ def test_a_mismatch_fails_and_writes_nothing(workdir, checkpoints, monkeypatch):
 
     monkeypatch.setattr(exp, "_torch_logits", shifted)
     with pytest.raises(exp.ExportError, match=r"does not match PyTorch.*max \|logit diff\| 2\.00e-04"):
-        exp.export_onnx(checkpoints["mlp"], out)
+        exp.export_onnx(checkpoints["mlp"], out, force=True)
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp file left
 
@@ -436,3 +437,96 @@ def test_cli_predict_bad_model(monkeypatch, capsys, exported, digit_png, args, m
     args = [a.format(png=digit_png, onnx=exported["mlp"][0]) for a in args]
     code, _, err = run_main(monkeypatch, capsys, "predict", str(digit_png), *args)
     assert code == 1 and message in one_error_line(err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 11: digests in exported models, no silent overwrite, output path checked first
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _flip_a_weight_bit(source: Path, target: Path) -> None:
+    raw = bytearray(source.read_bytes())
+    graph = exp.graph_bytes(bytes(raw))
+    raw[bytes(raw).find(graph) + len(graph) // 2] ^= 0x01  # inside the largest initializer: still loadable
+    target.write_bytes(bytes(raw))
+
+
+def test_a_bit_flip_in_an_exported_onnx_is_refused(exported, tmp_path):
+    """Defect 5: a flipped bit used to give a confident wrong digit."""
+    flipped = tmp_path / "flipped.onnx"
+    _flip_a_weight_bit(exported["mlp"][0], flipped)
+    ort.InferenceSession(str(flipped), providers=["CPUExecutionProvider"])  # onnxruntime alone would run it
+    with pytest.raises(exp.ExportError, match=r"flipped.onnx: corrupt ONNX model: the SHA-256 of its graph"):
+        exp.OnnxModel(flipped)
+
+
+def test_cli_predict_with_a_flipped_onnx_exits_1_on_one_line(exported, digit_png, tmp_path, monkeypatch, capsys):
+    flipped = tmp_path / "flipped.onnx"
+    _flip_a_weight_bit(exported["cnn"][0], flipped)
+    code, _, err = run_main(monkeypatch, capsys, "predict", str(digit_png), "--model", str(flipped))
+    assert code == 1 and "corrupt ONNX model" in one_error_line(err)
+
+
+def test_int8_exports_carry_a_digest_too(workdir):
+    out = workdir / "mlp.int8.onnx"
+    if not out.exists():
+        pytest.skip("needs test_int8_quantisation_runs_and_reports")
+    assert exp.OnnxModel(out).metadata[exp.DIGEST_KEY] == exp.graph_digest(out.read_bytes())
+
+
+def test_export_refuses_to_overwrite_without_force(checkpoints, tmp_path):
+    """Defect 14: export used to overwrite existing (and read-only) files silently."""
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(exp.ExportError, match=r"m.onnx: already exists; pass --force to replace it"):
+        exp.export(checkpoints["mlp"], out)
+    assert out.read_bytes() == b"keep me"
+    exp.export(checkpoints["mlp"], out, force=True)
+    assert exp.OnnxModel(out).model_name == "mlp"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write read-only files")
+def test_export_never_replaces_a_read_only_file(checkpoints, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"protected")
+    out.chmod(0o444)
+    with pytest.raises(exp.ExportError, match=r"m.pt: exists and is read-only"):
+        exp.export(checkpoints["mlp"], out, format="torchscript", force=True)
+    assert out.read_bytes() == b"protected"
+
+
+def test_read_only_file_check_does_not_depend_on_the_user(tmp_path, monkeypatch):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"protected")
+    monkeypatch.setattr(exp.os, "access", lambda path, mode: Path(path) != out)  # as for a non-root user
+    with pytest.raises(exp.ExportError, match=r"m.onnx: exists and is read-only"):
+        exp.check_output(out, force=True)
+
+
+def test_cli_checks_the_output_before_any_work(monkeypatch, capsys, tmp_path):
+    """Defect 14: the output used to be checked after the checkpoint, the data and seconds of export."""
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(tmp_path / "missing"),
+                            "--out", str(out), "--data", str(tmp_path / "no-data"))
+    assert code == 1 and "m.onnx: already exists; pass --force to replace it" in one_error_line(err)
+
+
+def test_cli_force_replaces(monkeypatch, capsys, checkpoints, tmp_path):
+    monkeypatch.delenv("DIGITLAB_DATA", raising=False)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"old")
+    code, _, _ = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]), "--out", str(out),
+                          "--format", "torchscript", "--force")
+    assert code == 0 and out.read_bytes() != b"old"
+
+
+def test_an_exporter_error_with_an_empty_message(checkpoints, tmp_path, monkeypatch):
+    """`str(exc).splitlines()[0]` raised IndexError on an empty message and skipped the fallback exporter."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(exp.ExportError, match=r"ONNX export failed: dynamo exporter: RuntimeError: RuntimeError; "
+                                              r"TorchScript exporter: RuntimeError: RuntimeError"):
+        exp.export_onnx(checkpoints["mlp"], tmp_path / "m.onnx")

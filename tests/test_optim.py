@@ -47,8 +47,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["private-kernels", "public-fallback"])
+def kernels(request, monkeypatch):
+    """Run a test with the probed private kernels, and again as on a torch that lacks them."""
+    if request.param == "public-fallback":
+        monkeypatch.setattr(optim, "has_foreach", lambda: False)
+        monkeypatch.setattr(optim, "has_fused_adam", lambda device_type: False)
+    return request.param
+
+
 @pytest.mark.parametrize("name, ours, theirs", CASES, ids=[c[0] for c in CASES])
-def test_updates_match_torch_optim(name, ours, theirs):
+def test_updates_match_torch_optim(name, ours, theirs, kernels):
     a, b = small_model(), small_model()
     run_steps(a, ours(a.parameters()), 20)
     run_steps(b, theirs(b.parameters()), 20)
@@ -94,6 +103,74 @@ def test_onecycle_survives_runs_too_short_for_a_warmup(total):
         schedule.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert all(0 < lr <= 1e-2 for lr in lrs)
+
+
+def test_the_kernel_probes_find_this_torchs_fast_paths():
+    """torch 2.14 has both; a False here would mean the probe itself is broken (training would be slower)."""
+    assert optim.has_foreach()
+    assert optim.has_fused_adam("cpu")
+
+
+def test_a_failing_kernel_probe_means_public_calls(monkeypatch):
+    monkeypatch.setattr(optim, "has_foreach", lambda: False)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a private kernel was called after its probe failed")
+
+    monkeypatch.setattr(torch, "_foreach_add_", broken)
+    tensors = [torch.ones(3), torch.zeros(2)]
+    optim.each("add_", tensors, [torch.ones(3), torch.ones(2)], alpha=2.0)
+    assert tensors[0].tolist() == [3.0] * 3 and tensors[1].tolist() == [2.0] * 2
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_weight_decay_spares_biases_and_norm_parameters(name):
+    """1-D parameters (biases, batch-norm scale and shift) are not decayed, as in torch.optim with two groups."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    reference = copy.deepcopy(model)
+    ours = optim.make_optimizer(name, model.parameters(), lr=1e-2, weight_decay=0.5)
+    assert [g["weight_decay"] for g in ours.param_groups] == [0.5, 0.0]
+    weights = [p for p in reference.parameters() if p.ndim >= 2]
+    others = [p for p in reference.parameters() if p.ndim < 2]
+    groups = [{"params": weights, "weight_decay": 0.5}, {"params": others, "weight_decay": 0.0}]
+    theirs = {"sgd": lambda: torch.optim.SGD(groups, lr=1e-2, momentum=0.9, nesterov=True),
+              "adam": lambda: torch.optim.Adam(groups, lr=1e-2),
+              "adamw": lambda: torch.optim.AdamW(groups, lr=1e-2)}[name]()
+    run_steps(model, ours, 10)
+    run_steps(reference, theirs, 10)
+    for pa, pb in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_step_takes_a_closure_and_returns_its_loss():
+    model = small_model()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 7), torch.randint(0, 3, (4,))
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    before = model[0].weight.detach().clone()
+    loss = opt.step(closure)
+    assert loss is not None and loss.item() > 0
+    assert not torch.equal(before, model[0].weight)
+
+
+def test_a_parameter_in_two_groups_is_refused():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="more than one"):
+        optim.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+
+
+def test_state_of_another_layout_is_refused():
+    a = optim.make_optimizer("adamw", small_model().parameters(), lr=1e-2, weight_decay=0.1)
+    b = optim.make_optimizer("adamw", torch.nn.Linear(3, 2).parameters(), lr=1e-2, weight_decay=0.1)
+    with pytest.raises(ValueError):
+        b.load_state_dict(a.state_dict())
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

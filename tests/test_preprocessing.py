@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import os
 import threading
+import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from benchmarks.userlike import hard_variants
 from digitlab import preprocessing as pp
 from digitlab.errors import DigitlabError
 from digitlab.preprocessing import ImageError, PreprocessError, load_image, preprocess, preprocess_stages
@@ -469,3 +474,158 @@ def test_preprocess_is_thread_safe():
         t.join()
     for i, x in enumerate(expected):
         np.testing.assert_array_equal(results[i], x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Digits that fill their picture, boxes, binary and blocky scans, white ink on transparent, odd shapes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kept_ink(picture, truth: np.ndarray) -> float:
+    """The fraction of the true ink (float mask, the picture's size) that the "digit" stage keeps: ink
+    pixels within a pixel of what it kept (a stroke's antialiased rim is not a lost stroke)."""
+    digit = preprocess_stages(picture)["digit"]
+    truth = np.asarray(Image.fromarray(truth.astype(np.float32)).resize(digit.shape[::-1], Image.Resampling.BOX))
+    covered = pp._max_filter(digit, 3) > 0.25
+    return float((covered & (truth > 0.5)).sum() / max((truth > 0.5).sum(), 1))
+
+
+def tight(ink: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(ink > 0.5)
+    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+@pytest.mark.parametrize("shape", ["7", "2", "4", "0", "1"])
+@pytest.mark.parametrize("stroke", [0.09, 0.2])
+def test_tight_crop_keeps_all_the_ink(reference, shape, stroke):
+    ink = tight(ink_mask(shape, 300, digit=0.9, stroke=stroke))  # every side touched by a stroke
+    picture = to_u8(on_paper(ink, paper=0.95, pen=0.1))
+    assert kept_ink(picture, ink) >= 0.97
+    if stroke < 0.1:
+        assert agreement(preprocess(picture), reference[shape]) > 0.8
+
+
+@pytest.mark.parametrize("size", [16, 8])
+def test_enlarged_binary_scan_keeps_its_ink(size):
+    ink = tight(ink_mask("2", 200, digit=0.9, stroke=0.12))
+    small = np.asarray(Image.fromarray(to_u8(ink)).resize((size, size), Image.Resampling.BOX)) > 100
+    binary = np.where(small, 0, 255).astype(np.uint8)
+    picture = Image.fromarray(binary).resize((128, 128), Image.Resampling.NEAREST)  # blocky, touching every side
+    truth = np.asarray(picture) < 128
+    assert kept_ink(picture, truth) >= 0.97
+    assert pp._block_size(np.asarray(picture, np.float32) / 255) == 128 // size
+    assert_mnist_format(preprocess(picture))
+
+
+def test_ink_heavy_tight_crop_is_not_blank():
+    # More ink than paper: the noise statistics must not come from the ink (was "no ink found").
+    ink = tight(ink_mask("0", 200, digit=0.95, stroke=0.3))
+    assert ink.mean() > 0.5
+    picture = to_u8(on_paper(ink, paper=0.9, pen=0.1))
+    assert kept_ink(picture, ink) >= 0.97
+
+
+def test_a_stroke_along_the_border_is_not_a_page_edge():
+    # A "7" whose bar is the picture's top row: once erased as the page's edge.
+    ink = tight(ink_mask("7", 300, digit=0.9, stroke=0.1))
+    top = ink[:max(2, ink.shape[0] // 10)].mean()
+    assert top > 0.6  # the top rows are mostly ink, like a band
+    assert kept_ink(to_u8(on_paper(ink)), ink) >= 0.97
+
+
+def test_digit_in_a_drawn_box_loses_the_box():
+    ink = ink_mask("4", 200, digit=0.8, stroke=0.09)
+    box = np.zeros_like(ink)
+    box[8:-8, 8:-8] = 1
+    box[12:-12, 12:-12] = 0  # a 4 px box line all round, near the picture's edge, touching the digit's arms
+    picture = to_u8(on_paper(np.maximum(ink, box), paper=0.95, pen=0.05))
+    digit = preprocess_stages(picture)["digit"]
+    assert digit[8:12, 20:180].max() < 0.5 and digit[20:180, 188:192].max() < 0.5  # lines gone
+    assert kept_ink(picture, ink) >= 0.9  # the digit stays (minus where it crossed a line)
+    clean = preprocess(to_u8(on_paper(ink, paper=0.95, pen=0.05)))
+    assert agreement(preprocess(picture), clean) > 0.85
+
+
+def test_a_page_edge_is_still_erased_when_the_digit_is_inside():
+    # The other side of the border rule: a band from the edge with the digit well inside the picture.
+    ink = ink_mask("1", 300, digit=0.5)
+    photo = on_paper(ink)
+    photo[:25, :] = 0.1  # the table above the page
+    digit = preprocess_stages(to_u8(photo))["digit"]
+    assert digit[:25].max() < 0.5
+    assert kept_ink(to_u8(photo), ink) >= 0.97
+
+
+def _white_strokes_on_transparent(ink: np.ndarray, canvas: int) -> Image.Image:
+    """A palette PNG as drawing programs save it: index 0 transparent, rims blended into the canvas colour."""
+    levels = np.rint(ink * 4).astype(np.uint8)
+    palette = [canvas] * 3
+    for level in range(1, 5):
+        palette += [round(255 * level / 4 + canvas * (1 - level / 4))] * 3
+    image = Image.fromarray(levels, "P")
+    image.putpalette(palette)
+    return load_image(encoded(image, "PNG", transparency=0))
+
+
+@pytest.mark.parametrize("canvas", [0, 255])
+@pytest.mark.parametrize("shape", ["1", "7", "0"])
+def test_white_ink_on_transparent_palette_png_reads_the_strokes(reference, canvas, shape):
+    ink = tight(ink_mask(shape, 300, digit=0.9, stroke=0.2))  # bold strokes filling the canvas
+    out = preprocess(_white_strokes_on_transparent(ink, canvas))
+    expected = preprocess(to_u8(on_paper(ink, paper=1.0, pen=0.0)))
+    assert agreement(out, expected) > 0.9
+
+
+def test_long_thin_line_is_not_blank_and_stays_cheap():
+    line = np.full((1, 100_000), 255, np.uint8)
+    line[0, 40_000:60_000] = 0
+    start = time.perf_counter()
+    out = preprocess(line)
+    assert time.perf_counter() - start < 2.0
+    rows, cols = np.nonzero(out > 0.5)
+    assert cols.max() - cols.min() + 1 >= 18 and rows.max() - rows.min() + 1 <= 4  # a horizontal dash
+
+
+def test_small_digit_with_a_big_brush_is_thinned():
+    # A digit drawn small in a corner of a canvas with a brush 25% of its size: once fat blobs.
+    ink = ink_mask("0", 60, digit=0.8, stroke=0.3)
+    canvas = np.zeros((400, 400), np.float32)
+    canvas[10:70, 10:70] = ink
+    out = preprocess(to_u8(on_paper(canvas, paper=1.0, pen=0.0)))
+    normal = preprocess(to_u8(on_paper(ink_mask("0", 300, digit=0.8, stroke=0.12), paper=1.0, pen=0.0)))
+    assert (out > 0.5).sum() <= 1.3 * (normal > 0.5).sum()
+    assert out[13:15, 12:16].max() < 0.5  # the loop stays open
+
+
+def test_hard_variants_all_preprocess():
+    digits = np.stack([to_u8(np.asarray(Image.fromarray(ink_mask(s, 28, digit=0.7, stroke=0.12)))) for s in "1740"])
+    for name, variant in hard_variants().items():
+        for i, digit in enumerate(digits):
+            assert_mnist_format(preprocess(variant(digit, np.random.default_rng(i))))
+
+
+def _optdigits_dir() -> Path | None:
+    env = os.environ.get("DIGITLAB_OPTDIGITS")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "optdigits32"
+    return path if (path / "test-images-idx3-ubyte.gz").exists() else None
+
+
+@pytest.mark.realdata
+def test_every_optdigits_test_digit_keeps_its_ink():
+    """Real handwriting from 43 writers, 32x32 binary, touching the top and bottom edges: all 1,797 test
+    digits preprocess and keep at least 97% of their ink."""
+    directory = _optdigits_dir()
+    if directory is None:
+        if os.environ.get("DIGITLAB_REQUIRE_REALDATA") == "1":
+            pytest.fail("optdigits32 not found (DIGITLAB_OPTDIGITS or ../shared/datasets/optdigits32)")
+        pytest.skip("optdigits32 not found: set DIGITLAB_OPTDIGITS")
+    raw = gzip.open(directory / "test-images-idx3-ubyte.gz").read()
+    images = np.frombuffer(raw[16:], np.uint8).reshape(-1, 32, 32)
+    assert len(images) == 1797
+    low = []
+    for i, image in enumerate(images):
+        picture = Image.fromarray(255 - image).resize((64, 64), Image.Resampling.NEAREST)  # dark on white
+        kept = kept_ink(picture, np.asarray(picture) < 128)
+        if kept < 0.97:
+            low.append((i, round(kept, 3)))
+    assert not low, low[:10]

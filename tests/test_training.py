@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from digitlab import checkpoint, training
 from digitlab.models import build_model
-from digitlab.training import TrainConfig, TrainingInterrupted, augment_batch, train, train_step
+from digitlab.training import TrainConfig, TrainingInterrupted, train, train_step
 
 from .conftest import run_main, write_dataset
 
@@ -118,22 +118,6 @@ def test_same_seed_same_weights(tiny_mnist_dir, tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
-def test_augment_batch_is_seeded_and_keeps_shape():
-    x = torch.rand(8, 1, 28, 28)
-    a = augment_batch(x, torch.Generator().manual_seed(3), background=0.0)
-    b = augment_batch(x, torch.Generator().manual_seed(3), background=0.0)
-    assert a.shape == x.shape and torch.equal(a, b)
-    assert not torch.allclose(a, x)
-    identity = augment_batch(x, torch.Generator().manual_seed(3), 0.0, degrees=0, scale=0, shift_px=0)
-    assert torch.allclose(identity, x, atol=1e-5)
-
-
-@pytest.mark.parametrize("override, message", [
-    ({"epochs": 0}, "--epochs 0: must be >= 1"),
-    ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
-    ({"model": "resnet"}, "--model 'resnet'"),
-    ({"target_accuracy": 99.0}, "--target-accuracy 99.0"),
-])
 def test_bad_config_values_are_rejected(override, message, tmp_path):
     with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         replace(TrainConfig(), **override).resolved()
@@ -152,10 +136,21 @@ def test_resume_with_optimizer_state_from_another_version_is_a_one_line_error(ti
     state = torch.load(state_path, weights_only=True)
     state["optimizer"] = {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}  # torch.optim's layout
     torch.save(state, state_path)
+    reseal(run.dir / "last")  # a consistent checkpoint, as another version would have written it
     code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run.dir), "--quiet")
     assert code == 1
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{state_path}: optimizer state does not fit this run" in err
+
+
+def reseal(base: Path) -> None:
+    """Record the current SHA-256 of a checkpoint's state file in its sidecar (as a consistent save would)."""
+    import hashlib
+
+    sidecar = base.with_suffix(".json")
+    raw = json.loads(sidecar.read_text())
+    raw["state_sha256"] = hashlib.sha256(base.with_name(base.name + ".state.pt").read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(raw))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -207,3 +202,204 @@ def test_default_mlp_training_reaches_98_percent(mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.98, summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 11: crash-consistent checkpoints, --overwrite, options that conflict with --resume, double Ctrl-C
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """An injected crash."""
+
+
+def test_a_kill_between_the_renames_of_last_is_refused_on_resume(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
+    """Defect 1: new last.safetensors beside the old last.json/last.state.pt used to resume "fine" and diverge."""
+    out = tmp_path / "run"
+    real, renames = checkpoint._rename, []
+
+    def rename_then_crash(tmp, path):
+        if len(renames) == 5 + 1:  # epoch 1: last (3 files) + best (2); epoch 2: last.safetensors, then the kill
+            raise Killed
+        real(tmp, path)
+        renames.append(path.name)
+
+    monkeypatch.setattr(checkpoint, "_rename", rename_then_crash)
+    with pytest.raises(Killed):
+        train(tiny_config(tiny_mnist_dir, out, epochs=2))
+    monkeypatch.setattr(checkpoint, "_rename", real)
+    assert renames[-1] == "last.safetensors"
+    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(out), "--quiet")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "last.safetensors: truncated or corrupt weights: SHA-256 differs from the one last.json records" in err
+
+
+def test_a_kill_before_last_is_saved_rolls_metrics_back_and_resumes_exactly(tiny_mnist_dir, tmp_path, monkeypatch):
+    """Defect 1: epoch 2's metrics line was written, its checkpoint not; resume must not duplicate the line."""
+    straight = train(tiny_config(tiny_mnist_dir, tmp_path / "straight", epochs=2))
+    out = tmp_path / "run"
+    real, writes = checkpoint._write_temp, []
+
+    def write_then_crash(path, payload):
+        if len(writes) == 5:  # epoch 1's last (3) and best (2) are written; epoch 2's last is not
+            raise Killed
+        writes.append(path.name)
+        return real(path, payload)
+
+    monkeypatch.setattr(checkpoint, "_write_temp", write_then_crash)
+    with pytest.raises(Killed):
+        train(tiny_config(tiny_mnist_dir, out, epochs=2))
+    monkeypatch.setattr(checkpoint, "_write_temp", real)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # the line of the unsaved epoch 2
+    (out / ".last.json.stale.tmp").write_text("left by a kill")
+    train(TrainConfig(resume=str(out), device="cpu", quiet=True))
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not list(out.glob(".*.tmp"))
+    a, b = weights(straight.last), weights(out / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_between_saving_last_and_best_recovers_best_from_last(tiny_mnist_dir, tmp_path, monkeypatch):
+    # Without a validation set the best epoch is chosen by train accuracy, which rises: epoch 2 is the best.
+    straight = train(tiny_config(tiny_mnist_dir, tmp_path / "straight", epochs=2, val_size=0))
+    out = tmp_path / "run"
+    real, saves = checkpoint.save, []
+
+    def save_then_crash(base, *args, **kwargs):
+        if len(saves) == 3:  # epoch 1: last, best; epoch 2: last, then a kill before best
+            raise Killed
+        saves.append(Path(base).name)
+        return real(base, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(Killed):
+        train(tiny_config(tiny_mnist_dir, out, epochs=2, val_size=0))
+    monkeypatch.setattr(checkpoint, "save", real)
+    assert checkpoint.load_state(out / "last")["best_epoch"] == 2 and saves == ["last", "best", "last"]
+    assert checkpoint.read_info(out / "best").epoch == 1
+    train(TrainConfig(resume=str(out), device="cpu", quiet=True))
+    a, b = weights(straight.best), weights(out / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
+    """Defect 1: a double Ctrl-C used to exit 130 with no message."""
+    real_step = training.train_step
+    calls = {"n": 0}
+
+    def step_then_two_signals(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 20:  # in epoch 2, after epoch 1's checkpoint
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_two_signals)
+    out = tmp_path / "run"
+    code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(tiny_mnist_dir), "--out", str(out),
+                            "--epochs", "3", "--batch-size", "32", "--val-size", "64", "--device", "cpu", "--quiet")
+    assert code == 130 and err.count("\n") == 1, err
+    assert "interrupted again (second Ctrl-C): stopped at once, without saving" in err
+    assert f"digitlab train --resume {out}" in err
+    assert checkpoint.load_state(out / "last")["epoch"] == 1  # the checkpoint of epoch 1, intact
+
+
+def test_a_second_ctrl_c_during_a_save_waits_for_the_checkpoint(tiny_mnist_dir, tmp_path, monkeypatch):
+    real_step, real_rename = training.train_step, checkpoint._rename
+    calls = {"n": 0, "renames": 0}
+
+    def step_then_signal(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    def rename_and_signal(tmp, path):
+        real_rename(tmp, path)
+        calls["renames"] += 1
+        if calls["renames"] == 1:  # between the weights and the state of the interruption's save
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(training, "train_step", step_then_signal)
+    monkeypatch.setattr(checkpoint, "_rename", rename_and_signal)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=r"interrupted \(Ctrl-C\) at epoch 1, step 5") as caught:
+        train(tiny_config(tiny_mnist_dir, out))
+    assert caught.value.exit_code == 130
+    assert checkpoint.load_state(out / "last")["step_in_epoch"] == 5  # complete and consistent
+    checkpoint.load(out / "last")
+
+
+def test_out_onto_an_existing_run_needs_overwrite(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
+    """Defect 2: --out onto an existing run used to delete it silently."""
+    out = tmp_path / "run"
+    first = train(tiny_config(tiny_mnist_dir, out, epochs=1))
+    before = (out / "last.safetensors").read_bytes()
+    with pytest.raises(training.ConfigError, match=rf"--out {out}: already holds a training run \(config.json, "
+                                                   r"metrics.jsonl, summary.json, \.\.\.\); pass --overwrite"):
+        train(tiny_config(tiny_mnist_dir, out, epochs=1))
+    code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(tiny_mnist_dir), "--out", str(out), "-q")
+    assert code == 1 and err.count("\n") == 1 and "pass --overwrite to replace it" in err
+    assert (out / "last.safetensors").read_bytes() == before
+    (out / "best.state.pt").write_bytes(b"from the old run")
+    second = train(tiny_config(tiny_mnist_dir, out, epochs=1, seed=5, overwrite=True))
+    assert second.test_accuracy is not None and not (out / "best.state.pt").exists()
+    assert (out / "last.safetensors").read_bytes() != before and first.dir == second.dir
+
+
+def _fake_run_dir(path: Path, **overrides) -> Path:
+    path.mkdir(parents=True)
+    config = replace(TrainConfig(model="cnn", out=str(path)), **overrides).resolved()
+    (path / "config.json").write_text(json.dumps(config.to_json()))
+    return path
+
+
+def test_options_that_conflict_with_resume_are_one_line_naming_them(tmp_path, monkeypatch, capsys):
+    """Defect 3: these four options used to be ignored silently."""
+    run_dir = _fake_run_dir(tmp_path / "run")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run_dir), "--epochs", "5", "--model", "mlp",
+                            "--lr", "0.5", "--out", str(tmp_path / "elsewhere"))
+    assert code == 2 and err.count("\n") == 1, err
+    for option in ("--epochs 5 (its onecycle schedule is planned over 16 epochs)", "--model mlp", "--lr 0.5",
+                   f"--out {tmp_path / 'elsewhere'}"):
+        assert option in err
+    # The library says the same; values equal to the run's own are no conflict.
+    with pytest.raises(training.ConfigError, match=r"--no-augment, --overwrite: a resumed run keeps"):
+        train(TrainConfig(resume=str(run_dir), augment=False, overwrite=True, model="cnn", epochs=16))
+
+
+def test_epochs_extend_a_run_without_a_schedule_exactly(tiny_mnist_dir, tmp_path):
+    """--epochs on --resume: a documented extension for runs without a learning-rate schedule."""
+    straight = train(tiny_config(tiny_mnist_dir, tmp_path / "straight", epochs=2, schedule="none"))
+    out = tmp_path / "run"
+    train(tiny_config(tiny_mnist_dir, out, epochs=1, schedule="none"))
+    extended = train(TrainConfig(resume=str(out), epochs=2, device="cpu", quiet=True))
+    assert [r["epoch"] for r in extended.history] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    a, b = weights(straight.last), weights(out / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(training.ConfigError, match=r"--epochs 1: the run .* has already done 2 epochs"):
+        train(TrainConfig(resume=str(out), epochs=1, device="cpu", quiet=True))
+
+
+def test_loader_starts_at_a_step():
+    from digitlab.data import BatchLoader
+
+    loader = BatchLoader(torch.zeros(100, 28, 28, dtype=torch.uint8), torch.arange(100) % 10, batch_size=16, seed=3)
+    loader.set_epoch(2)
+    every = [y for _, y in loader]
+    rest = [y for _, y in loader.iter_from(4)]
+    assert len(rest) == len(every) - 4 and all(torch.equal(a, b) for a, b in zip(every[4:], rest))
+
+
+def test_train_state_is_one_dataclass(tiny_mnist_dir, tmp_path):
+    run = train(tiny_config(tiny_mnist_dir, tmp_path / "run", epochs=1))
+    state = checkpoint.load_state(run.dir / "last")
+    restored = training.TrainState.from_saved(state)
+    assert restored.epoch == 1 and restored.step_in_epoch == 0 and restored.totals == training.EpochTotals()
+    assert restored.history == run.history
+    old_layout = {**state, "epoch_sums": [1.0, 2.0, 3.0]}
+    del old_layout["totals"]
+    assert training.TrainState.from_saved(old_layout).totals == training.EpochTotals(1.0, 2.0, 3.0)

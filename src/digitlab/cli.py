@@ -108,10 +108,19 @@ def tour(
 # ----------------------------------------------------------------------------------------------------------
 
 
+# `train` options -> TrainConfig fields, where the names differ
+_TRAIN_FIELDS = {"data_dir": "data"}
+
+
 @app.command()
 def train(
-    model: str = typer.Option("mlp", "--model", help="mlp (the tutorial's network) or cnn."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the model's recipe (mlp 2, cnn 16)."),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", help="mlp (the tutorial's network, the default) or cnn."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named recipe (see --list-recipes): quick, "
+                                         "best, ... Default: the model's own (mlp or cnn)."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="Name each recipe with what it measured, "
+                                      "and exit."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the recipe's (mlp 2, cnn 16)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default 256)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the model's recipe)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd, adam or adamw (default adamw)."),
@@ -126,11 +135,35 @@ def train(
     data_dir: Optional[Path] = DataOpt,
     dataset: str = DatasetOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Run dir (default runs/<timestamp>-<model>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this dir."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this dir (with its own "
+                                          "settings: only --device, --data, --quiet and, without a schedule, "
+                                          "--epochs may be given)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (else an error)."),
     target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Stop once val accuracy >= P."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model; writes config, metrics, curves and checkpoints to a run dir."""
+    if list_recipes:
+        from .training import describe_recipes
+
+        for line in describe_recipes():
+            typer.echo(line)
+        return
+    from .threads import configure as configure_threads
+
+    configure_threads("train")  # before torch is imported: libgomp reads its settings once, when loaded
+    if resume is not None:  # options given with --resume must not contradict the run: say so before any work
+        from .training import ConfigError, check_resume_options
+
+        def typed(name: str) -> bool:  # given on the command line (or by environment), not a default
+            return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")
+
+        given = {_TRAIN_FIELDS.get(name, name): str(value) if isinstance(value, Path) else value
+                 for name, value in ctx.params.items() if value is not None and typed(name)}
+        try:
+            check_resume_options(resume, given)
+        except ConfigError as exc:
+            fail(str(exc), 2)
     if resume is None:
         from .datafiles import prefetch
 
@@ -139,11 +172,11 @@ def train(
     from .training import train as run_train
 
     config = TrainConfig(
-        model=model, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        model=model, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         weight_decay=weight_decay, augment=augment, label_smoothing=label_smoothing, val_size=val_size,
         seed=seed, device=device, precision=precision, data=str(data_dir) if data_dir else None,
         dataset=dataset, out=str(out) if out else None, resume=str(resume) if resume else None,
-        quiet=quiet, target_accuracy=target_accuracy)
+        overwrite=overwrite, quiet=quiet, target_accuracy=target_accuracy)
     try:
         result = run_train(config)
     except TrainingInterrupted as exc:
@@ -155,7 +188,8 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
+                                          "Give it several times for an ensemble (probabilities averaged)."),
     split: str = typer.Option("test", "--split", help="test, val or train."),
     data_dir: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -163,8 +197,13 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     no_plots: bool = typer.Option(False, "--no-plots"),
 ) -> None:
-    """Accuracy, loss, per-class precision/recall/F1, confusion matrix and the worst mistakes."""
+    """Accuracy, calibration error (ECE), per-class precision/recall/F1, confusion matrix, worst mistakes,
+    and what --reject-below would keep; writes confusion.png, mistakes.png and reliability.png."""
     import json
+
+    from .threads import configure as configure_threads
+
+    configure_threads("evaluate")  # before torch is imported: libgomp reads its settings once, when loaded
 
     from .evaluation import evaluate as run_evaluate
     from .report import print_report
@@ -185,6 +224,7 @@ def export(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18: onnxruntime >= 1.14)."),
     data_dir: Optional[Path] = DataOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a read-only one)."),
 ) -> None:
     """Export a checkpoint (input: pixels in [0,1]), check it against PyTorch on the test set, write it."""
     import json
@@ -197,6 +237,7 @@ def export(
         fail(f"--quantize {quantize!r}: unknown (choose {', '.join(exp.QUANTIZATIONS)})", 2)
     if quantize is not None and format != "onnx":
         fail("--quantize works with --format onnx only", 2)
+    exp.check_output(out, force)  # before the checkpoint, the data and the export (seconds of work)
     from .checkpoint import read_info
     from .data import get_spec
 
@@ -206,7 +247,7 @@ def export(
         typer.echo(f"note: {get_spec(info.dataset).title} test set not found (pass --data DIR); checking on "
                    "seeded random images instead, without accuracy", err=True)
     report = exp.export(checkpoint, out, format=format, quantize=quantize, verify_images=verify,
-                        opset=opset or exp.DEFAULT_OPSET)
+                        opset=opset or exp.DEFAULT_OPSET, force=force)
     if as_json:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -224,14 +265,33 @@ def serve(
     device: str = DeviceOpt,
     max_body_bytes: int = typer.Option(5_000_000, "--max-body-bytes", min=1, help="Largest request body (413)."),
     log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
+    reject_below: Optional[float] = typer.Option(None, "--reject-below", min=0.0, max=1.0,
+                                                 help="Mark answers below confidence P as not sure."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Accept requests for this Host name "
+                                           "(repeatable; * for any). Default: this machine's names on a "
+                                           "loopback bind (DNS rebinding), any otherwise."),
+    max_image_pixels: int = typer.Option(16_000_000, "--max-image-pixels", min=1,
+                                         help="Most pixels decoded per image (413); JPEGs decode reduced."),
+    max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="Images decoded at once."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, help="Seconds for request headers."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.01, help="Seconds for a whole body (408)."),
+    keep_alive_timeout: int = typer.Option(5, "--keep-alive-timeout", min=1, help="Seconds an idle "
+                                           "connection stays open."),
+    max_connections: int = typer.Option(100, "--max-connections", min=1, help="Open connections (503 beyond)."),
 ) -> None:
     """Serve a page to draw a digit and watch the network read it, and the HTTP API (docs at /docs)."""
+    from .threads import configure as configure_threads
+
+    configure_threads("serve")  # before torch is imported: libgomp reads its settings once, when loaded
     from .serving import serve as run_serve
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         fail(f"--log-level {log_level!r}: unknown (choose critical, error, warning, info or debug)", 2)
     run_serve(checkpoint, host=host, port=port, cors_origins=cors_origin, device=device,
-              max_body_bytes=max_body_bytes, log_level=log_level)
+              max_body_bytes=max_body_bytes, log_level=log_level, reject_below=reject_below,
+              allowed_hosts=allowed_host or None, max_image_pixels=max_image_pixels, max_decodes=max_decodes,
+              header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+              max_connections=max_connections)
 
 
 
@@ -250,9 +310,15 @@ def predict(
                                                      "model saw for each input into this folder (PNG)."),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
+    explain: Optional[Path] = typer.Option(None, "--explain", help="Write why each digit was read into this "
+                                           "folder: a saliency PNG per input (needs --checkpoint)."),
 ) -> None:
     """Read the digit in each image: photos, scans and drawings are preprocessed the way MNIST was made."""
     import json
+
+    from .threads import configure as configure_threads
+
+    configure_threads("predict")  # before torch is imported: libgomp reads its settings once, when loaded
 
     from .prediction import Predictor, expand_inputs, path_width, table_header, table_row
 
@@ -268,11 +334,21 @@ def predict(
     width = path_width(items)
     if not as_json:
         typer.echo(table_header(width))
+    if explain is not None:
+        from .saliency import prepare_explain_dir, write_saliency_png
+
+        if model is not None:
+            fail("--explain needs --checkpoint (a PyTorch model): an ONNX model has no gradients here", 2)
+        prepare_explain_dir(explain)
     failures = 0
-    for prediction in predictor.iter_predict(items, reject_below=reject_below, save_dir=save_preprocessed):
+    for index, prediction in enumerate(predictor.iter_predict(items, reject_below=reject_below,
+                                                              save_dir=save_preprocessed)):
         if prediction.error is not None:
             failures += 1
             typer.echo(f"digitlab: error: {prediction.error}", err=True)
+        elif explain is not None:
+            write_saliency_png(explain, index, prediction.path, prediction.preprocessed,
+                               predictor.saliency(prediction.preprocessed))
         typer.echo(json.dumps(prediction.to_json()) if as_json else table_row(prediction, width))
     if failures:
         raise typer.Exit(1)

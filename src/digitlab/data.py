@@ -160,9 +160,13 @@ class BatchLoader:
         return torch.randperm(n, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The current epoch's batches from batch number `start` on (resuming mid-epoch skips without slicing)."""
         order = self.order().to(self.device)
         per_rank = self.batch_size // self.world_size
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             if self.world_size > 1:
                 # Uneven last batch: split it as evenly as possible; every rank still gets >= 0 items.

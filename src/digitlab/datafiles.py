@@ -7,6 +7,7 @@ which takes longer than the read itself. `digitlab.data` re-exports everything h
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -21,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import DigitlabError
-from .idx import DataError, atomic_write_bytes, read_bytes, read_checked
+from .idx import DataError, atomic_write_bytes, gunzip, read_bytes, read_checked
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -51,6 +52,7 @@ class DatasetSpec:
     system_dirs: tuple[str, ...] = ()
     mean: float = MNIST_MEAN
     std: float = MNIST_STD
+    image_shape: tuple[int, int] = (28, 28)  # rows x cols: what digitlab's models take (the MLP: 784 inputs)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -108,13 +110,36 @@ def cache_dir(dataset: str = "mnist") -> Path:
 
 
 def find_file(directory: Path, stem: str) -> Path | None:
-    """The file for `stem` in a data dir: .gz or raw, flat or in torchvision's MNIST/raw/ layout."""
+    """The file for `stem` in a data dir: .gz or raw, flat or in torchvision's MNIST/raw/ layout.
+
+    A symbolic link loop on the way is a DataError naming it: Path.is_file() alone would call the files
+    missing, and `locate` would then try to download them.
+    """
     for sub in ("", "raw", "MNIST/raw", "FashionMNIST/raw"):
         for suffix in (".gz", ""):
             candidate = directory / sub / f"{stem}{suffix}"
             if candidate.is_file():
                 return candidate
+            if (loop := symlink_loop(candidate)) is not None:
+                raise DataError(f"{loop}: symbolic link loop (the link leads back to itself)")
     return None
+
+
+def symlink_loop(path: Path) -> Path | None:
+    """The first component of `path` that is a symbolic link loop (stat fails with ELOOP), or None."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            return None
+    for part in reversed(path.parents):  # the shortest prefix that loops is the one to name
+        try:
+            os.stat(part)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return part
+    return path
 
 
 def find_files(directory: Path) -> dict[str, Path] | None:
@@ -272,11 +297,13 @@ def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int
         for attempt in range(retries):
             try:
                 data = _download_with_progress(url, timeout, show_progress)
-                content = zlib.decompress(data, 31) if data[:2] == b"\x1f\x8b" else data
+                content = gunzip(data, url)  # decompressed no further than its IDX header says
                 actual = hashlib.md5(content).hexdigest()
                 if actual == expected:
                     return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, mtime=0)
                 last_error = f"{url}: MD5 mismatch: {actual} found, {expected} expected"
+            except DataError as exc:
+                last_error = str(exc)
             except (urllib.error.URLError, OSError, zlib.error, http.client.HTTPException) as exc:
                 last_error = f"{url}: {getattr(exc, 'reason', None) or exc}"
             if attempt + 1 < retries:
@@ -319,12 +346,24 @@ def read_arrays(files: dict[str, Path], spec: DatasetSpec) -> tuple[Arrays, dict
             raise DataError(
                 f"{Path(files[f'{split}_labels']).name}: {len(labels)} labels but "
                 f"{Path(files[f'{split}_images']).name} has {len(images)} images")
+    for key in ("train_images", "test_images"):
+        check_image_shape(arrays[key], Path(files[key]).name, spec)
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise DataError(f"{Path(files['test_images']).name}: image size {arrays['test_images'].shape[1:]} differs "
                         f"from the training images' {arrays['train_images'].shape[1:]}")
     # parse_idx's arrays are read-only views of the file's bytes; torch wants writable memory and int64 labels.
     ready = {key: array.astype(np.int64) if key.endswith("labels") else array.copy() for key, array in arrays.items()}
     return ready, {Path(files[key]).name: md5 for key, (_, md5) in results.items()}
+
+
+def check_image_shape(images: np.ndarray, name: str, spec: DatasetSpec) -> None:
+    """Images the models cannot take (1x784, 14x56: the same bytes, another shape) are refused, naming the file:
+    the MLP would otherwise train on them silently and the CNN fail deep inside a convolution."""
+    rows, cols = spec.image_shape
+    if tuple(images.shape[1:]) != (rows, cols):
+        found = "x".join(str(n) for n in images.shape[1:])
+        raise DataError(f"{name}: images are {found} pixels; {spec.title} images are {rows}x{cols}, the size "
+                        "digitlab's models take")
 
 
 def files_key(spec: DatasetSpec, files: dict[str, Path]) -> tuple:

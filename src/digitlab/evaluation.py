@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import calibration, data
 from . import checkpoint as ckpt
-from . import data
 from .devices import autocast, resolve_device
 from .errors import DigitlabError
 from .figures import new_figure, save_png
@@ -66,18 +67,22 @@ def per_class_scores(confusion: torch.Tensor, class_names: list[str]) -> list[di
 
 @dataclass
 class Report:
-    """What `digitlab evaluate` measured."""
+    """What `digitlab evaluate` measured. Probabilities are calibrated (each member's temperature applied;
+    an ensemble averages its members' probabilities)."""
 
-    checkpoint: str
+    checkpoint: str  # the checkpoints, joined by ", " for an ensemble
     model: str
     dataset: str
     split: str
     count: int
     accuracy: float
-    loss: float
+    loss: float  # the negative log-likelihood of the calibrated probabilities
+    ece: float  # expected calibration error, 15 equal-width bins (a fraction)
+    temperature: float | list[float]  # each member's
     per_class: list[dict[str, Any]]
     confusion: list[list[int]]
     class_names: list[str]
+    selective: list[dict[str, float]] = field(default_factory=list)  # what --reject-below T keeps and scores
     mistakes: list[dict[str, Any]] = field(default_factory=list)  # worst first
     files: dict[str, str] = field(default_factory=dict)
 
@@ -99,8 +104,24 @@ def split_images(dataset: data.MnistData, split: str, train_config: dict[str, An
     return (val_x, val_y) if split == "val" else (train_x, train_y)
 
 
+def _as_paths(checkpoint: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not paths:
+        raise DigitlabError("--checkpoint: give at least one checkpoint")
+    return paths
+
+
+def _check_members(infos: list[ckpt.CheckpointInfo], paths: list[str | Path]) -> None:
+    """Ensemble members must read the same dataset with the same classes."""
+    first = infos[0]
+    for info, path in zip(infos[1:], paths[1:]):
+        if info.dataset != first.dataset or list(info.class_names) != list(first.class_names):
+            raise DigitlabError(f"{path}: an ensemble needs members trained on the same dataset and classes "
+                                f"({info.dataset} vs {first.dataset})")
+
+
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     data_dir: str | Path | None = None,
     split: str = "test",
     device: str = "auto",
@@ -108,32 +129,76 @@ def evaluate(
     worst: int = 36,
     plots: bool = True,
 ) -> Report:
-    """Evaluate a checkpoint on a split of the dataset it was trained on; optionally write the two plots."""
-    model, info = ckpt.load(checkpoint)
+    """Evaluate a checkpoint, or an ensemble of them (a list: their calibrated probabilities are averaged),
+    on a split of the dataset it was trained on; optionally write the plots."""
+    paths = _as_paths(checkpoint)
+    members = [ckpt.load(path) for path in paths]
+    infos = [info for _, info in members]
+    _check_members(infos, paths)
+    info = infos[0]
     dev = resolve_device(device)
-    model = model.to(dev)
     dataset = data.load(data_dir, info.dataset)
     images, labels = split_images(dataset, split, info.train_config)
-    result = evaluate_tensors(model, images, labels, info.mean, info.std, dev)
-    probabilities = result.logits.softmax(1)
+    probabilities = torch.zeros(len(labels), len(info.class_names), dtype=torch.float64)
+    for model, member in members:
+        logits = predict_logits(model.to(dev), images, member.mean, member.std, dev)
+        probabilities += torch.from_numpy(calibration.softmax(logits.numpy(), member.temperature))
+    probabilities /= len(members)
     predicted = probabilities.argmax(1)
+    right_probability = probabilities[torch.arange(len(labels)), labels].clamp_min(1e-12)
     confusion = confusion_matrix(labels, predicted, len(info.class_names))
     wrong = (predicted != labels).nonzero().flatten()
     confidence = probabilities[wrong, predicted[wrong]]
     order = wrong[confidence.argsort(descending=True)][:worst]  # most confident mistakes first
     mistakes = [{"index": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
                  "confidence": float(probabilities[i, predicted[i]])} for i in order]
+    as_numpy = probabilities.numpy(), labels.numpy()
     report = Report(
-        checkpoint=str(ckpt.resolve(checkpoint)), model=info.model, dataset=info.dataset, split=split,
-        count=len(labels), accuracy=result.accuracy, loss=result.loss,
+        checkpoint=", ".join(str(ckpt.resolve(p)) for p in paths),
+        model=info.model if len(members) == 1 else "ensemble of " + " + ".join(i.model for i in infos),
+        dataset=info.dataset, split=split, count=len(labels),
+        accuracy=float((predicted == labels).double().mean()) if len(labels) else 0.0,
+        loss=float(-right_probability.log().mean()) if len(labels) else 0.0,
+        ece=calibration.expected_calibration_error(*as_numpy),
+        temperature=info.temperature if len(members) == 1 else [i.temperature for i in infos],
         per_class=per_class_scores(confusion, info.class_names), confusion=confusion.tolist(),
-        class_names=list(info.class_names), mistakes=mistakes)
+        class_names=list(info.class_names), selective=calibration.selective_accuracy(*as_numpy),
+        mistakes=mistakes)
     if plots:
-        out = Path(out_dir) if out_dir else ckpt.resolve(checkpoint).parent
+        out = Path(out_dir) if out_dir else ckpt.resolve(paths[0]).parent
         out.mkdir(parents=True, exist_ok=True)
         report.files["confusion"] = str(plot_confusion(report, out / "confusion.png"))
         report.files["mistakes"] = str(plot_mistakes(report, images, out / "mistakes.png"))
+        report.files["reliability"] = str(plot_reliability(report, *as_numpy, out / "reliability.png"))
     return report
+
+
+def plot_reliability(report: Report, probabilities: np.ndarray, labels: np.ndarray, path: Path) -> Path:
+    """The reliability diagram: accuracy against confidence per bin (a calibrated model follows the diagonal),
+    and how many answers each bin holds."""
+    table = calibration.reliability(probabilities, labels)
+    fig = new_figure(figsize=(9, 4))
+    ax, ax_count = fig.subplots(1, 2)
+    width = 1 / len(table)
+    used = [b for b in table if b.count]
+    ax.bar([b.low for b in used], [b.accuracy for b in used], width=width, align="edge", edgecolor="black",
+           label="accuracy")
+    ax.plot([b.confidence for b in used], [b.confidence for b in used], "r.", label="mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability: ECE {report.ece:.4f}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_count.bar([b.low for b in table], [max(b.count, 0) for b in table], width=width, align="edge",
+                 edgecolor="black")
+    ax_count.set_yscale("log")
+    ax_count.set_xlim(0, 1)
+    ax_count.set_xlabel("confidence")
+    ax_count.set_title("answers per bin (log scale)")
+    fig.tight_layout()
+    return save_png(fig, path, dpi=100)
 
 
 def plot_confusion(report: Report, path: Path) -> Path:
@@ -142,7 +207,7 @@ def plot_confusion(report: Report, path: Path) -> Path:
     fig = new_figure(figsize=(7, 6))
     ax = fig.subplots()
     # Log scale: the diagonal (~1000) would otherwise hide the handful of mistakes off it.
-    image = ax.imshow((matrix + 1).log10(), cmap="Blues")
+    image = ax.imshow((matrix + 1).log10().numpy(), cmap="Blues")
     for i in range(n):
         for j in range(n):
             value = int(matrix[i, j])

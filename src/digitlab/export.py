@@ -8,7 +8,11 @@ batch dimension "batch" dynamic.
 Every export is verified before it is written: the exported model and the PyTorch model run on the same
 images (the 10,000 test images when the data is found, else seeded random images) and the export fails when
 the logits differ by more than 1e-4 or any predicted class differs. The file is written to a temp file and
-renamed, so a failed export leaves nothing behind.
+renamed, so a failed export leaves nothing behind. An existing file at the output path is replaced only with
+force=True (`--force`), never when it is read-only; the path is checked before any work.
+
+An exported ONNX model carries the SHA-256 of its graph (operators and all weights, as serialized) in its
+metadata ("graph_sha256"); `OnnxModel` checks it on load, so a flipped bit is an error, not a wrong digit.
 
 torch is imported inside the export functions only: `OnnxModel`, the deployment side, runs an exported model
 with onnxruntime and numpy and must work where importing torch is impossible or too slow.
@@ -17,6 +21,7 @@ with onnxruntime and numpy and must work where importing torch is impossible or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -51,10 +56,17 @@ IMAGE_SHAPE = (1, 28, 28)
 SYNTHETIC_COUNT = 1000
 SYNTHETIC_SEED = 0
 TORCHSCRIPT_METADATA = "digitlab.json"  # name of the metadata file inside a TorchScript archive
+DIGEST_KEY = "graph_sha256"  # ONNX metadata: SHA-256 of the serialized GraphProto (operators and weights)
 
 
 class ExportError(DigitlabError):
     """An export that cannot be done or did not pass its check, or an exported model that cannot be used."""
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, else its class name (never raises)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else exc.__class__.__name__
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,22 +227,27 @@ def _tolerance_message(path: Path, check: Check, tolerance: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pixel_model(model: "torch.nn.Module", mean: float | None, std: float | None) -> "torch.nn.Module":
-    """Wrap a model that takes normalised input into one that takes pixels in [0, 1] (N, 1, 28, 28)."""
+def pixel_model(model: "torch.nn.Module", mean: float | None, std: float | None,
+                temperature: float = 1.0) -> "torch.nn.Module":
+    """Wrap a model that takes normalised input into one that takes pixels in [0, 1] (N, 1, 28, 28) and
+    returns calibrated logits (divided by the checkpoint's temperature: softmax gives calibrated
+    probabilities)."""
     from torch import nn
 
     class PixelModel(nn.Module):
-        """(pixels - mean) / std, then the model: the constants travel inside the exported graph."""
+        """(pixels - mean) / std, then the model, then / temperature: the constants travel inside the graph."""
 
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.mean = mean
             self.std = std
+            self.temperature = float(temperature)
 
         def forward(self, pixels):
             x = pixels if self.mean is None or self.std is None else (pixels - self.mean) / self.std
-            return self.model(x)  # (N, classes)
+            logits = self.model(x)  # (N, classes)
+            return logits if self.temperature == 1.0 else logits / self.temperature
 
     return PixelModel().eval()
 
@@ -273,6 +290,8 @@ def _metadata(weights: Path, info: Any, exporter: str, check: Check | None = Non
         "input_shape": f"({BATCH_AXIS}, 1, 28, 28) float32",
         "normalisation": ("none" if info.mean is None or info.std is None
                           else f"(pixels - {info.mean}) / {info.std}, inside the graph"),
+        "temperature": f"{getattr(info, 'temperature', 1.0)!r}, applied inside the graph (the outputs are "
+                       "calibrated logits)",
         "dataset": info.dataset,
         "checkpoint": weights.name,
         "checkpoint_epoch": str(info.epoch),
@@ -288,22 +307,28 @@ def _metadata(weights: Path, info: Any, exporter: str, check: Check | None = Non
     return meta
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, force: bool = False) -> None:
     """Atomically write the exported bytes; an unwritable place is a one-line error."""
-    from .data import atomic_write_bytes
+    from .idx import atomic_write_bytes
 
-    if path.is_dir():
-        raise ExportError(f"{path}: is a directory; give a file name for --out")
+    check_output(path, force)  # again: the file may have appeared while the export ran
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise ExportError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before the (slow) export when the output cannot be written."""
+def check_output(path: str | Path, force: bool = False) -> None:
+    """Fail before the (slow) export when the output cannot or must not be written: a directory, an unwritable
+    place, an existing file without `force` (--force), a read-only file."""
+    path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path}: is a directory; give a file name for --out")
+    if path.exists() or path.is_symlink():
+        if not os.access(path, os.W_OK):
+            raise ExportError(f"{path}: exists and is read-only; make it writable or remove it to replace it")
+        if not force:
+            raise ExportError(f"{path}: already exists; pass --force to replace it")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -311,6 +336,9 @@ def _check_writable(path: Path) -> None:
         raise ExportError(f"{path}: cannot write: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"{path}: cannot write: permission denied in {parent}")
+
+
+_check_writable = check_output
 
 
 @contextlib.contextmanager
@@ -357,7 +385,7 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
                     dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_AXIS)}})
             return program.model_proto, f"torch.onnx dynamo exporter (torch {torch.__version__})"
         except Exception as exc:  # the new exporter raises many types; fall back and say why on failure
-            errors.append(f"dynamo exporter: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
+            errors.append(f"dynamo exporter: {exc.__class__.__name__}: {_first_line(exc)}")
             if exporter == "dynamo":
                 raise ExportError(f"ONNX export failed: {errors[0]}") from None
     if exporter in ("auto", "legacy"):
@@ -371,10 +399,73 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
             used = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
             return onnx.load_from_string(buffer.getvalue()), used
         except Exception as exc:
-            errors.append(f"TorchScript exporter: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
+            errors.append(f"TorchScript exporter: {exc.__class__.__name__}: {_first_line(exc)}")
     if not errors:
         raise ExportError(f"unknown ONNX exporter {exporter!r} (choose auto, dynamo or legacy)")
     raise ExportError(f"ONNX export failed: {'; '.join(errors)}")
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def graph_bytes(model_bytes: bytes) -> bytes:
+    """The serialized GraphProto inside a serialized ModelProto (field 7), exactly as stored in the file.
+
+    A minimal protobuf wire-format walk over the top-level fields (numpy and onnx are not needed), so the
+    digest covers the stored bytes themselves, not a re-serialization. ValueError when the bytes are not a
+    ModelProto with one graph.
+    """
+    pos, found = 0, None
+    while pos < len(model_bytes):
+        key, pos = _read_varint(model_bytes, pos)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(model_bytes, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _read_varint(model_bytes, pos)
+            if field_number == 7:
+                if found is not None:
+                    raise ValueError("more than one graph")
+                found = model_bytes[pos:pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unexpected wire type {wire_type}")
+        if pos > len(model_bytes):
+            raise ValueError("truncated field")
+    if found is None:
+        raise ValueError("no graph")
+    return found
+
+
+def graph_digest(model_bytes: bytes) -> str:
+    """SHA-256 of the graph (operators and all weights) of a serialized ONNX model."""
+    return hashlib.sha256(graph_bytes(model_bytes)).hexdigest()
+
+
+def _sealed(proto: "onnx.ModelProto", metadata: dict[str, str]) -> bytes:
+    """The model's bytes with `metadata` plus the digest of its graph (the graph is not changed by metadata)."""
+    _set_metadata(proto, metadata)
+    digest = graph_digest(proto.SerializeToString())
+    metadata[DIGEST_KEY] = digest
+    _set_metadata(proto, metadata)
+    sealed = proto.SerializeToString()
+    if graph_digest(sealed) != digest:  # protobuf serialized the graph differently the second time
+        raise ExportError("ONNX serialization is not stable: cannot record the graph's SHA-256")
+    return sealed
 
 
 def _set_metadata(proto: "onnx.ModelProto", metadata: dict[str, str]) -> None:
@@ -426,6 +517,7 @@ def export_onnx(
     verify_images: VerifySet | np.ndarray | None = None,
     tolerance: float = TOLERANCE,
     exporter: str = "auto",
+    force: bool = False,
 ) -> ExportReport:
     """Export a checkpoint to ONNX (pixels in [0, 1] -> logits), verify it against PyTorch with onnxruntime,
     optionally quantise it to int8, and write it atomically to `out`.
@@ -443,17 +535,17 @@ def export_onnx(
         raise ExportError(f"quantize {quantize!r}: unknown (choose {', '.join(QUANTIZATIONS)})")
     if not 7 <= opset <= 23:
         raise ExportError(f"opset {opset}: must be between 7 and 23 (default {DEFAULT_OPSET})")
-    _check_writable(out)
+    _check_writable(out, force)
     weights, model, info = _load_checkpoint(checkpoint)
     verify = _as_verify_set(verify_images)
-    module = pixel_model(model, info.mean, info.std)
+    module = pixel_model(model, info.mean, info.std, info.temperature)
 
     proto, exporter_used = _onnx_proto(module, opset, exporter)
     _set_metadata(proto, _metadata(weights, info, exporter_used))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # ValidationError or shape inference errors
-        raise ExportError(f"{out}: exported graph fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+        raise ExportError(f"{out}: exported graph fails onnx.checker: {_first_line(exc)}") from None
 
     fp32_bytes = proto.SerializeToString()
     fp32_logits = _ort_logits(_ort_session(fp32_bytes))
@@ -461,8 +553,7 @@ def export_onnx(
     if not check.passes(tolerance):
         raise ExportError(_tolerance_message(out, check, tolerance))
     metadata = _metadata(weights, info, exporter_used, check)
-    _set_metadata(proto, metadata)
-    final_bytes = proto.SerializeToString()
+    final_bytes = _sealed(proto, metadata)
 
     quantized_check = None
     if quantize == "int8":
@@ -475,10 +566,9 @@ def export_onnx(
         quantized_check = compare(fp32_logits, int8_logits, verify)
         metadata["verified_int8"] = (f"same class as fp32 on {quantized_check.argmax_agreement}/"
                                      f"{quantized_check.count} of {quantized_check.source}")
-        _set_metadata(int8, metadata)
-        final_bytes = int8.SerializeToString()
+        final_bytes = _sealed(int8, metadata)
 
-    _write(out, final_bytes)
+    _write(out, final_bytes, force)
     return ExportReport(path=out, format="onnx", model=info.model, checkpoint=weights, exporter=exporter_used,
                         opset=opset, size_bytes=len(final_bytes), tolerance=tolerance, check=check,
                         quantize=quantize, quantized_check=quantized_check, metadata=metadata,
@@ -495,6 +585,7 @@ def export_torchscript(
     out: str | Path,
     verify_images: VerifySet | np.ndarray | None = None,
     tolerance: float = TOLERANCE,
+    force: bool = False,
 ) -> ExportReport:
     """Trace a checkpoint to TorchScript (pixels in [0, 1] -> logits), reload it, verify it against the eager
     model, and write it atomically; the metadata travels as an extra file named digitlab.json.
@@ -505,10 +596,10 @@ def export_torchscript(
 
     started = time.perf_counter()
     out = Path(out)
-    _check_writable(out)
+    _check_writable(out, force)
     weights, model, info = _load_checkpoint(checkpoint)
     verify = _as_verify_set(verify_images)
-    module = pixel_model(model, info.mean, info.std)
+    module = pixel_model(model, info.mean, info.std, info.temperature)
 
     exporter = f"torch.jit.trace (torch {torch.__version__})"
     example = _example_input()
@@ -532,21 +623,23 @@ def export_torchscript(
         raise ExportError(_tolerance_message(out, check, tolerance))
     metadata = _metadata(weights, info, exporter, check)
     final_bytes = archive(metadata)
-    _write(out, final_bytes)
+    _write(out, final_bytes, force)
     return ExportReport(path=out, format="torchscript", model=info.model, checkpoint=weights, exporter=exporter,
                         opset=None, size_bytes=len(final_bytes), tolerance=tolerance, check=check,
                         metadata=metadata, seconds=time.perf_counter() - started)
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", quantize: str | None = None,
-           verify_images: VerifySet | np.ndarray | None = None, opset: int = DEFAULT_OPSET) -> ExportReport:
-    """Export in the named format ("onnx" or "torchscript")."""
+           verify_images: VerifySet | np.ndarray | None = None, opset: int = DEFAULT_OPSET,
+           force: bool = False) -> ExportReport:
+    """Export in the named format ("onnx" or "torchscript"); an existing `out` is replaced only with force."""
     if format == "onnx":
-        return export_onnx(checkpoint, out, opset=opset, quantize=quantize, verify_images=verify_images)
+        return export_onnx(checkpoint, out, opset=opset, quantize=quantize, verify_images=verify_images,
+                           force=force)
     if format == "torchscript":
         if quantize is not None:
             raise ExportError("--quantize works with --format onnx only")
-        return export_torchscript(checkpoint, out, verify_images=verify_images)
+        return export_torchscript(checkpoint, out, verify_images=verify_images, force=force)
     raise ExportError(f"--format {format!r}: unknown (choose {' or '.join(FORMATS)})")
 
 
@@ -604,10 +697,14 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
+            model_bytes = self.path.read_bytes()
+        except OSError as exc:
+            raise ExportError(f"{self.path}: cannot read: {exc.strerror or exc.__class__.__name__}") from None
+        try:
+            self.session = ort.InferenceSession(model_bytes, options,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+            first = _first_line(exc, 160)
             raise ExportError(f"{self.path}: not a loadable ONNX model ({first})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE):
@@ -616,6 +713,7 @@ class OnnxModel:
                               f"(batch, 1, 28, 28), found {found}")
         self.output_name = outputs[0].name
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._verify_digest(model_bytes)
         self.model_name = self.metadata.get("model", "onnx")
         self.class_names = self._class_names(outputs[0].shape)
         try:
@@ -625,6 +723,20 @@ class OnnxModel:
         self.info = ExportedInfo(model=self.model_name, class_names=self.class_names,
                                  dataset=self.metadata.get("dataset", "mnist"),
                                  metrics=metrics if isinstance(metrics, dict) else {})
+
+    def _verify_digest(self, model_bytes: bytes) -> None:
+        """The graph must hash to the digest recorded at export (exports without one, made by digitlab before it
+        recorded digests, are not checked)."""
+        expected = self.metadata.get(DIGEST_KEY)
+        if expected is None:
+            return
+        try:
+            actual = graph_digest(model_bytes)
+        except ValueError as exc:
+            raise ExportError(f"{self.path}: corrupt ONNX model ({exc})") from None
+        if actual != expected:
+            raise ExportError(f"{self.path}: corrupt ONNX model: the SHA-256 of its graph does not match the "
+                              f"{DIGEST_KEY} recorded at export (a damaged or modified file)")
 
     def _class_names(self, output_shape: list) -> list[str]:
         try:
@@ -669,5 +781,5 @@ __all__ = [
     "ExportError", "ExportReport", "Check", "VerifySet", "OnnxModel", "ExportedInfo", "onnx_providers",
     "export", "export_onnx", "export_torchscript", "mnist_verify_set", "synthetic_verify_set", "compare",
     "pixel_model", "read_metadata", "to_pixels", "FORMATS", "QUANTIZATIONS", "DEFAULT_OPSET", "TOLERANCE",
-    "INPUT_NAME", "OUTPUT_NAME", "BATCH_AXIS",
+    "INPUT_NAME", "OUTPUT_NAME", "BATCH_AXIS", "check_output", "graph_digest", "DIGEST_KEY",
 ]

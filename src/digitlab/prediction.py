@@ -14,8 +14,11 @@ the same contract as an exported ONNX model, so another backend only needs to su
 
 from __future__ import annotations
 
+import errno
 import io
+import math
 import os
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -106,10 +109,46 @@ class InputItem:
     error: str | None = None  # already failed while expanding (missing file, bad IDX file)
 
 
+# The largest file (or stdin) `predict` reads: a 40-megapixel photo is ~20 MB as JPEG, MNIST's training images
+# are 47 MB as raw IDX. Beyond it a file is refused unread, so /dev/zero or a huge file cannot fill memory.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _file_problem(path: Path, name: str) -> str | None:
+    """Why `path` is not an input predict reads (one line naming it), or None for a regular file within
+    MAX_INPUT_BYTES. Checked before anything opens it: opening a FIFO waits for a writer, forever."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"{name}: file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{name}: symbolic link loop (the link leads back to itself)"
+        return f"{name}: cannot read: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+        return f"{name}: {kind}, not a regular file (predict reads only regular files)"
+    if info.st_size > MAX_INPUT_BYTES:
+        return f"{name}: file too large: {info.st_size} bytes (the limit is {MAX_INPUT_BYTES} bytes)"
+    return None
+
+
+def _read_regular(path: Path, size: int) -> bytes:
+    """Up to `size` bytes of a regular file. O_NONBLOCK: should a FIFO have replaced the file since it was
+    checked, opening it returns at once instead of waiting for a writer, and fstat refuses it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(size)
+
+
 def _sniff(path: Path) -> bytes:
     try:
-        with path.open("rb") as f:
-            return f.read(4)
+        return _read_regular(path, 4)
     except OSError:
         return b""
 
@@ -137,8 +176,20 @@ def _idx_items(raw: bytes, name: str) -> list[InputItem]:
             for i, image in enumerate(images)]
 
 
+def _is_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def _walk(directory: Path) -> list[Path]:
-    """Image and IDX files under a directory, recursively, sorted; hidden files and folders skipped."""
+    """Image and IDX files under a directory, recursively, sorted; hidden files and folders skipped.
+
+    Symbolic links to folders are not followed (os.walk's default), so a link cycle cannot make the walk
+    endless; a link that loops onto itself is listed whatever its name, so that it gets its own error line.
+    """
     found = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -146,24 +197,32 @@ def _walk(directory: Path) -> list[Path]:
             if name.startswith("."):
                 continue
             lower = name.lower()
-            if lower.endswith(IMAGE_SUFFIXES) or lower.endswith(IDX_SUFFIXES) or "idx3" in lower:
+            if lower.endswith(IMAGE_SUFFIXES) or lower.endswith(IDX_SUFFIXES) or "idx3" in lower \
+                    or _is_loop(Path(root) / name):
                 found.append(Path(root) / name)
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
 
 def _file_items(path: Path, name: str) -> list[InputItem]:
+    """The items of one file: every image of an IDX file, else the file itself (decoded later); an error item
+    for a missing file, a link loop, a FIFO, device or socket, or a file over MAX_INPUT_BYTES."""
+    if (problem := _file_problem(path, name)) is not None:
+        return [InputItem(name, error=problem)]
     head = _sniff(path)
     if _looks_like_idx(head):
         try:
-            raw = path.read_bytes()
+            raw = _read_regular(path, MAX_INPUT_BYTES + 1)
         except OSError as exc:
             return [InputItem(name, error=f"{name}: cannot read: {exc.strerror or exc}")]
+        if len(raw) > MAX_INPUT_BYTES:  # it grew since it was checked
+            return [InputItem(name, error=f"{name}: file too large: over {MAX_INPUT_BYTES} bytes")]
         return _idx_items(raw, name)
     return [InputItem(name, source=path)]
 
 
 def read_stdin() -> bytes:
-    return sys.stdin.buffer.read()
+    """stdin up to one byte past MAX_INPUT_BYTES: `predict - < /dev/zero` stops there instead of filling memory."""
+    return sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
 
 
 def expand_inputs(args: Iterable[Any], stdin: Callable[[], bytes] = read_stdin) -> list[InputItem]:
@@ -181,7 +240,9 @@ def expand_inputs(args: Iterable[Any], stdin: Callable[[], bytes] = read_stdin) 
         elif isinstance(arg, str) and arg == "-":
             if stdin_data is None:
                 stdin_data = stdin()
-            if _looks_like_idx(stdin_data[:4]):
+            if len(stdin_data) > MAX_INPUT_BYTES:
+                items.append(InputItem("-", error=f"<stdin>: input too large: over {MAX_INPUT_BYTES} bytes"))
+            elif _looks_like_idx(stdin_data[:4]):
                 items.extend(_idx_items(stdin_data, "-"))
             else:
                 items.append(InputItem("-", source=stdin_data))
@@ -193,10 +254,8 @@ def expand_inputs(args: Iterable[Any], stdin: Callable[[], bytes] = read_stdin) 
                     items.append(InputItem(name, error=f"{name}: no image or IDX files in this folder"))
                 for file in files:
                     items.extend(_file_items(file, str(file)))
-            elif path.exists():
+            else:  # a file, or what stands in its place: _file_items names a missing file, a loop, a FIFO
                 items.extend(_file_items(path, name))
-            else:
-                items.append(InputItem(name, error=f"{name}: file not found"))
         else:
             items.append(InputItem(None, source=arg))
     return items
@@ -291,23 +350,35 @@ def _torch_runner(model: Any, mean: float | None, std: float | None, device: Any
 
 
 class Predictor:
-    """A loaded model plus preprocessing: images in, Predictions out. Safe to share between threads.
+    """A loaded model (or an ensemble of them) plus preprocessing: images in, Predictions out. Safe to share
+    between threads.
 
     `run_logits` takes pixels (N, 1, 28, 28) float32 in [0, 1] and returns logits (N, 10); `info` is the
     checkpoint's CheckpointInfo (or anything with model, mean, std and class_names). `model` (a torch
-    module, optional) is needed only by `explain`.
+    module, optional) is needed only by `explain`. Probabilities are softmax(logits / temperature), with the
+    temperature fitted after training (calibration.py), so that a 90% answer is right about 90% of the time.
+    An ensemble (`from_checkpoints`) averages its members' calibrated probabilities.
     """
 
     def __init__(self, run_logits: RunLogits, info: Any, model: Any = None, device: Any = "cpu",
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, temperature: float | None = None):
         if batch_size < 1:
             raise PredictError(f"--batch-size {batch_size}: must be >= 1")
-        self._run_logits = run_logits
+        if temperature is None:
+            temperature = float(getattr(info, "temperature", 1.0) or 1.0)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise PredictError(f"temperature {temperature}: must be a positive number")
+        self.members: list[tuple[RunLogits, float]] = [(run_logits, float(temperature))]
         self.info = info
         self.model = model
         self.device = device
         self.batch_size = batch_size
         self._lock = threading.Lock()  # one forward pass at a time on the shared model
+
+    @property
+    def temperature(self) -> float:
+        """The (first) member's softmax temperature."""
+        return self.members[0][1]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
@@ -323,18 +394,46 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, path: str | Path, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
-        """Load a model written by `digitlab export` and run it with onnxruntime: torch is never imported."""
+        """Load a model written by `digitlab export` and run it with onnxruntime: torch is never imported.
+        The exported graph already divides its logits by the checkpoint's temperature."""
         from .export import OnnxModel, onnx_providers
 
         model = OnnxModel(path, providers=onnx_providers(device))
-        return cls(model.logits, model.info, device=device, batch_size=batch_size)
+        return cls(model.logits, model.info, device=device, batch_size=batch_size, temperature=1.0)
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto",
+                         batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+        """An ensemble: each checkpoint (or exported .onnx file) is loaded, and their calibrated probabilities
+        are averaged. One path gives a plain Predictor. `explain` and `activations` show the first member."""
+        if not paths:
+            raise PredictError("--checkpoint: give at least one checkpoint")
+
+        def load_one(path: str | Path) -> "Predictor":
+            if str(path).endswith(".onnx"):
+                return cls.from_onnx(path, device=device, batch_size=batch_size)
+            return cls.from_checkpoint(path, device=device, batch_size=batch_size)
+
+        first = load_one(paths[0])
+        for path in paths[1:]:
+            member = load_one(path)
+            if list(member.info.class_names) != list(first.info.class_names):
+                raise PredictError(f"{path}: an ensemble needs members with the same classes "
+                                   f"({', '.join(member.info.class_names)} vs {', '.join(first.info.class_names)})")
+            first.members.extend(member.members)
+        return first
 
     # -- the model ---------------------------------------------------------------------------------------
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        """Pixels (N, 1, 28, 28) float32 in [0, 1] -> logits (N, 10); the only place the model runs."""
+    def _probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Pixels (N, 1, 28, 28) float32 in [0, 1] -> calibrated probabilities (N, 10), averaged over the
+        members; the only place the models run."""
+        total = None
         with self._lock:
-            return np.asarray(self._run_logits(x), dtype=np.float32)
+            for run_logits, temperature in self.members:
+                p = softmax(np.asarray(run_logits(x), dtype=np.float32) / np.float32(temperature))
+                total = p if total is None else total + p
+        return total / len(self.members)
 
     def predict_arrays(self, x: np.ndarray) -> np.ndarray:
         """Already MNIST-like pixels (N, 28, 28), float in [0, 1] or uint8 -> probabilities (N, 10).
@@ -347,8 +446,8 @@ class Predictor:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28)
         if len(x) == 0:
             return np.zeros((0, 10), dtype=np.float32)
-        logits = [self._logits(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return softmax(np.concatenate(logits))
+        return np.concatenate([self._probabilities(x[i:i + self.batch_size])
+                               for i in range(0, len(x), self.batch_size)])
 
     # -- images ------------------------------------------------------------------------------------------
 
@@ -424,8 +523,18 @@ class Predictor:
         if x is None:
             raise PredictError(error or "cannot read this image")
         values = self.activations(x)
-        prediction = from_probabilities(_name_of(image), softmax(values["logits"][None])[0], x, None)
+        prediction = from_probabilities(_name_of(image), self.predict_arrays(x[None])[0], x, None)
         return {"prediction": prediction, "activations": {name: value.tolist() for name, value in values.items()}}
+
+    def saliency(self, image: np.ndarray, steps: int = 32) -> Any:
+        """Why this digit: a digitlab.saliency.Saliency (a 28x28 map, the digit and the runner-up) for one
+        MNIST-like image (28, 28) in [0, 1], used as it is, like `activations` (integrated gradients)."""
+        self._require_layers()
+        from .saliency import integrated_gradients
+
+        with self._lock:  # one pass at a time on the shared model
+            return integrated_gradients(self.model, image, self.info.mean, self.info.std, steps=steps,
+                                        device=self.device)
 
 
 def _name_of(image: Any) -> str | None:

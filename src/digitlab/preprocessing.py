@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 from .errors import DigitlabError
 
@@ -52,6 +52,12 @@ MIN_NOISE_FLOOR = 0.04
 # 0.072). Thinner strokes (a ballpoint pen in a large photo) are thickened to THICKEN_TO before scaling.
 THIN_STROKE = 0.035
 THICKEN_TO = 0.05  # lands near MNIST's median once the soft edges are counted
+# Strokes much thicker than MNIST's (a marker, a bold binary scan, a small digit drawn with a big brush)
+# are thinned to THIN_TO: beyond MNIST's 95th percentile they fill loops and read as blobs once scaled.
+THICK_STROKE = 0.13
+THIN_TO = 0.10
+FLAT_PAPER = 0.06  # paper whose brightness varies less than this (10th..90th percentile) is evenly lit
+MARGIN = 0.2  # MNIST's 20-px digit has 4 px of margin each side: 20% of the digit's size
 BACKGROUND_WINDOW = 0.16  # the background filter's window, as a fraction of the picture's longer side
 
 
@@ -193,14 +199,28 @@ def _composite(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     opaque = alpha > 0.5
     if not opaque.any():
         return np.zeros_like(lum)  # nothing visible: blank
-    low, high = np.percentile(lum[opaque], [1, 99])
-    rows, cols = np.nonzero(opaque)
-    fill = opaque.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
-    if high - low > 0.15 and (opaque.mean() >= 0.5 or fill >= 0.6):
+    if _opaque_is_a_page(lum, opaque):
         background = _carry_over(lum, alpha)
     else:
         background = 1.0 if float(np.average(lum, weights=alpha)) < 0.5 else 0.0
     return lum * alpha + background * (1.0 - alpha)
+
+
+def _opaque_is_a_page(lum: np.ndarray, opaque: np.ndarray) -> bool:
+    """Is the opaque part a page with ink on it (a scan app's crop), or pen strokes on a transparent canvas?
+
+    A page has ink inside it, away from its transparent margins: its interior holds both paper and ink. Pen
+    strokes vary in brightness only at their rims (antialiasing blended into the canvas colour, as palette
+    images store it); their interior is one colour, however bold the pen or tightly cropped the canvas.
+    """
+    small = _shrink_to(opaque.astype(np.float32), 256) > 0.5
+    # Distance to the nearest transparent pixel; the picture's own border does not count (a page may fill it).
+    depth = ndimage.distance_transform_edt(np.pad(small, 1, mode="edge"))[1:-1, 1:-1]
+    interior = depth > 3
+    if interior.sum() < 0.05 * max(1, small.sum()):
+        return False
+    low, high = np.percentile(_shrink_to(lum, 256)[interior], [1, 99])
+    return bool(high - low > 0.15)
 
 
 def _carry_over(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -276,7 +296,7 @@ def to_gray(image: Any) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small numpy image operations (no SciPy): resizing, rank filters, blurs, connected components
+# Small image operations (Pillow and scipy.ndimage): resizing, rank filters, blurs, connected components
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -294,44 +314,21 @@ def _shrink_to(a: np.ndarray, longest: int) -> np.ndarray:
     return _resize(a, round(h * scale), round(w * scale))
 
 
-def _rank_filter(a: np.ndarray, size: int, reduce) -> np.ndarray:
-    """A separable max or min filter over a size x size window (edges repeat the border)."""
-    if size <= 1:
-        return a
-    r = size // 2
-    padded = np.pad(a, ((r, size - 1 - r), (0, 0)), mode="edge")
-    a = reduce(sliding_window_view(padded, size, axis=0), axis=-1)
-    padded = np.pad(a, ((0, 0), (r, size - 1 - r)), mode="edge")
-    return reduce(sliding_window_view(padded, size, axis=1), axis=-1)
-
-
 def _max_filter(a: np.ndarray, size: int) -> np.ndarray:
-    return _rank_filter(a, size, np.max)
+    """Maximum over a size x size window (edges repeat the border)."""
+    return a if size <= 1 else ndimage.maximum_filter(a, size=size, mode="nearest")
 
 
 def _min_filter(a: np.ndarray, size: int) -> np.ndarray:
-    return _rank_filter(a, size, np.min)
-
-
-def _median_filter(a: np.ndarray, size: int) -> np.ndarray:
-    r = size // 2
-    padded = np.pad(a, r, mode="edge")
-    return np.median(sliding_window_view(padded, (size, size)), axis=(-2, -1)).astype(np.float32)
+    """Minimum over a size x size window (edges repeat the border)."""
+    return a if size <= 1 else ndimage.minimum_filter(a, size=size, mode="nearest")
 
 
 def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window, by cumulative sums (edges repeat the border)."""
+    """Mean over a (2r+1)^2 window (edges repeat the border)."""
     if radius < 1:
         return a
-    k = 2 * radius + 1
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (radius + 1, radius)
-        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float32)
-        hi = np.take(c, np.arange(k, c.shape[axis]), axis=axis)
-        lo = np.take(c, np.arange(0, c.shape[axis] - k), axis=axis)
-        a = ((hi - lo) / k).astype(np.float32)
-    return a
+    return ndimage.uniform_filter(np.asarray(a, dtype=np.float32), size=2 * radius + 1, mode="nearest")
 
 
 def _odd(n: float) -> int:
@@ -339,47 +336,13 @@ def _odd(n: float) -> int:
     return n if n % 2 else n + 1
 
 
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a boolean mask: (labels (H, W) int32 with 0 = background, count).
-
-    Works on runs of pixels per row (a union-find over runs), so its cost follows the number of runs, not
-    pixels.
-    """
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded, axis=1)  # +1 where a run starts, -1 one past where it ends
-    rows_s, starts = np.nonzero(edges == 1)
-    rows_e, ends = np.nonzero(edges == -1)  # exclusive ends; np.nonzero keeps row-major order for both
-    n = len(starts)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    row_first = np.searchsorted(rows_s, np.arange(h + 1))  # runs of row y: row_first[y] .. row_first[y+1]
-    for y in range(1, h):
-        i, i_end = int(row_first[y - 1]), int(row_first[y])
-        j, j_end = i_end, int(row_first[y + 1])
-        while i < i_end and j < j_end:
-            # 8-connectivity: runs touch if they overlap when one is widened by a pixel each side.
-            if starts[i] <= ends[j] and starts[j] <= ends[i]:
-                a, b = find(i), find(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            if ends[i] < ends[j]:
-                i += 1
-            else:
-                j += 1
-    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
-    unique, compact = np.unique(roots, return_inverse=True)
-    labels = np.zeros((h, w), dtype=np.int32)
-    for k in range(n):
-        labels[rows_s[k], starts[k]:ends[k]] = compact[k] + 1
-    return labels, len(unique)
+    """8-connected components of a boolean mask: (labels (H, W) int32 with 0 = background, count)."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    return labels.astype(np.int32, copy=False), int(count)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,6 +411,25 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     return darker >= lighter
 
 
+def _border_is_mostly_ink(gray: np.ndarray, dark_ink: bool) -> bool:
+    """Did the polarity test mistake the paper for ink? It takes the picture's median for the paper, which is
+    the ink when a bold digit fills its picture (a tight crop with more ink than paper). Then the "ink" would
+    cover most of the picture's border; real strokes cross the border in short runs, even in a tight crop.
+    Only evenly lit two-level pictures are checked (a page edge or a table can line a photo's border).
+    """
+    small = _shrink_to(gray, 128)
+    low, high = np.percentile(small, [2, 98])
+    middle = (low + high) / 2
+    if high - low < 0.3:
+        return False
+    ink = small < middle if dark_ink else small > middle
+    paper_side = small[~ink]
+    if paper_side.size == 0 or np.percentile(paper_side, 90) - np.percentile(paper_side, 10) > FLAT_PAPER:
+        return False
+    ring = np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
+    return bool(ring.mean() > 0.65 and ink.mean() > 0.4)
+
+
 def _background(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
     """The paper without the ink: a closing (dark ink) or opening (light ink) with a window far wider than
     a stroke, computed on a small copy and scaled back up. Large dark areas (shadows) survive a closing,
@@ -477,10 +459,8 @@ def _fill_dips(bg: np.ndarray) -> np.ndarray:
     marker = np.full_like(bg, bg.max())
     marker[0], marker[-1], marker[:, 0], marker[:, -1] = bg[0], bg[-1], bg[:, 0], bg[:, -1]
     for _ in range(h + w):
-        eroded = marker.copy()
-        eroded[1:-1, 1:-1] = np.minimum.reduce([marker[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
-                                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
-        new = np.maximum(eroded, bg)
+        # One step of reconstruction by erosion; the border stays bg's own (min over it is <= bg there).
+        new = np.maximum(ndimage.minimum_filter(marker, size=3, mode="nearest"), bg)
         if np.array_equal(new, marker):
             break
         marker = new
@@ -499,7 +479,11 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray:
     """Remove the paper's texture and noise: zero below the noise level, a linear ramp up to the ink's
     typical strength. Raises PreprocessError when nothing stands out from the noise."""
     blurred = _box_blur(ink, max(0, round(max(ink.shape) / 300)))  # ~1 px at 300 px, 0 for small images
-    sample = blurred[::2, ::2]  # statistics from every 4th pixel: as good, 4x cheaper
+    sample = blurred[::2, ::2].ravel()  # statistics from every 4th pixel: as good, 4x cheaper
+    if float(np.median(sample)) > 0.25:
+        # More ink than paper: a tight crop or a bold digit filling its picture. The noise statistics are
+        # the paper's, so take them as if the picture had MNIST's margins of paper (about as much again).
+        sample = np.concatenate([sample, np.zeros(sample.size, dtype=sample.dtype)])
     median = float(np.median(sample))
     sigma = 1.4826 * float(np.median(np.abs(sample - median)))
     low = median + max(NOISE_SIGMAS * sigma, MIN_NOISE_FLOOR)
@@ -513,17 +497,66 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray:
     return np.clip((blurred - low) / (peak - low), 0.0, 1.0)
 
 
+def _sides(mask: np.ndarray) -> list[np.ndarray]:
+    """The mask seen from each side (top, bottom, left, right): views whose row 0 is that side's edge."""
+    return [mask, mask[::-1], mask.T, mask.T[::-1]]
+
+
+OPPOSITE = (1, 0, 3, 2)  # bottom is opposite top, right opposite left
+
+
 def _clear_border_bands(mask: np.ndarray) -> np.ndarray:
     """Erase solid bands along the picture's sides (the table beyond the page's edge, the edge's shadow):
-    rows or columns from a side inwards that are mostly ink, up to 15% of the picture deep."""
+    rows or columns from a side inwards that are mostly ink, up to 15% of the picture deep.
+
+    A band is only erased when the rest of the ink stops short of the opposite side: the digit then sits
+    inside the picture and the band is the page's edge. When the rest reaches the opposite side (or its
+    band), the digit fills the picture (a tight crop, a digit touching its box) and the band is its stroke.
+    """
     mask = mask.copy()
-    h, w = mask.shape
-    for lines, limit in ((mask, h), (mask[::-1], h), (mask.T, w), (mask.T[::-1], w)):
+    depths = []
+    for lines in _sides(mask):
         depth = 0
-        while depth < 0.15 * limit and lines[depth].mean() > 0.6:
+        while depth < 0.15 * lines.shape[0] and lines[depth].mean() > 0.6:
             depth += 1
+        depths.append(depth)
+    rest = mask.copy()
+    for lines, depth in zip(_sides(rest), depths):
         if depth:
-            lines[:depth + 1] = False  # views: this clears the mask itself
+            lines[:depth + 1] = False  # views: this clears `rest` itself
+    for side, depth in enumerate(depths):
+        opposite = OPPOSITE[side]
+        start = depths[opposite] + 1 if depths[opposite] else 0
+        if depth and not _sides(rest)[opposite][start:start + 2].any():
+            _sides(mask)[side][:depth + 1] = False
+    return mask
+
+
+def _remove_box_lines(mask: np.ndarray) -> np.ndarray:
+    """Erase the lines of a box drawn around the digit (a form's box, cut out), and what lies outside them.
+
+    A box line is a thin run of rows (or columns) in the outer quarter of the picture, each covered by ink
+    along at least 75% of its length; it counts only when another side has one too (a box has corners), so
+    a "7"'s bar in a tight crop, which is long and near one side, stays. Strokes of the digit that cross a
+    line lose only the line's own pixels.
+    """
+    found = []
+    for side, lines in enumerate(_sides(mask)):
+        count, length = lines.shape
+        zone = lines[:max(1, count // 4)]
+        hits = np.nonzero(zone.mean(axis=1) >= 0.75)[0]
+        if hits.size == 0 or length < 8:
+            continue
+        first = last = int(hits[0])
+        while last + 1 < len(zone) and zone[last + 1].mean() >= 0.75:
+            last += 1
+        if last - first + 1 <= max(2, 0.08 * count):  # thin: a line, not a band or a stroke filling the box
+            found.append((side, last))
+    if len(found) < 2:
+        return mask
+    mask = mask.copy()
+    for side, last in found:
+        _sides(mask)[side][:last + 2] = False  # the line, everything outside it, and its soft inner edge
     return mask
 
 
@@ -537,7 +570,7 @@ def _select_digit(strength: np.ndarray) -> np.ndarray:
     blocks = np.zeros((hp, wp), dtype=bool)
     blocks[:h, :w] = mask
     blocks = blocks.reshape(hp // factor, factor, wp // factor, factor).any(axis=(1, 3))
-    blocks = _clear_border_bands(blocks)
+    blocks = _clear_border_bands(_remove_box_lines(blocks))
     labels, count = label_components(blocks)
     if count == 0:
         raise PreprocessError("no ink found: the image is blank")
@@ -552,8 +585,13 @@ def _select_digit(strength: np.ndarray) -> np.ndarray:
         height, width = bottom - top + 1, right - left + 1
         near_top_bottom = min(top, bh - 1 - bottom) <= (0 if height > 0.1 * bh else 0.15 * bh)
         near_left_right = min(left, bw - 1 - right) <= (0 if width > 0.1 * bw else 0.15 * bw)
-        edge = ((near_top_bottom and width >= (0.6 if min(top, bh - 1 - bottom) == 0 else 0.9) * bw)
-                or (near_left_right and height >= (0.6 if min(left, bw - 1 - right) == 0 else 0.9) * bh))
+        # A piece that also reaches across to the opposite side is a digit filling the picture, not an edge.
+        across_rows = top <= 1 and bottom >= bh - 2
+        across_cols = left <= 1 and right >= bw - 2
+        edge = ((near_top_bottom and width >= (0.6 if min(top, bh - 1 - bottom) == 0 else 0.9) * bw
+                 and not across_rows)
+                or (near_left_right and height >= (0.6 if min(left, bw - 1 - right) == 0 else 0.9) * bh
+                    and not across_cols))
         pieces.append((int(area[k]), top, bottom, left, right, edge))
     candidates = [k for k, p in enumerate(pieces) if not p[5]] or list(range(count))
     main = max(candidates, key=lambda k: pieces[k][0])
@@ -580,21 +618,71 @@ def _select_digit(strength: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(keep, factor, axis=0), factor, axis=1)[:h, :w]
 
 
-def _thicken(digit: np.ndarray) -> np.ndarray:
-    """Grow strokes much thinner than MNIST's (a fine pen in a big photo), which would fade when shrunk."""
+def _stroke_width(digit: np.ndarray) -> float:
+    """Stroke width relative to the digit's size: (ink area / outline pixels) / longer side, as measured on
+    MNIST (0.053..0.111, 5th..95th percentile)."""
     mask = digit > 0.5
     area = int(mask.sum())
     if area == 0:
-        return digit
+        return 0.0
     interior = mask.copy()
     interior[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
     boundary = max(1, area - int(interior[1:-1, 1:-1].sum()))
+    return area / boundary / max(digit.shape)
+
+
+def _normalise_strokes(digit: np.ndarray) -> np.ndarray:
+    """Bring strokes much thinner or thicker than MNIST's towards its range (a fine pen in a big photo would
+    fade when shrunk; a marker or a big brush on a small digit would fill the loops)."""
+    width = _stroke_width(digit)
     longest = max(digit.shape)
-    width = area / boundary / longest
-    if width >= THIN_STROKE:
-        return digit
-    radius = int(round((THICKEN_TO - width) * longest))
-    return _max_filter(digit, 2 * radius + 1) if radius >= 1 else digit
+    if 0 < width < THIN_STROKE:
+        radius = int(round((THICKEN_TO - width) * longest))
+        return _max_filter(np.pad(digit, radius), 2 * radius + 1) if radius >= 1 else digit
+    if width > THICK_STROKE:
+        scale = max(1, -(-64 // longest))  # a small digit is enlarged first so a fraction of a pixel can go
+        big = _resize(digit, digit.shape[0] * scale, digit.shape[1] * scale, Image.Resampling.BILINEAR)
+        radius = int(round((width - THIN_TO) * longest * scale))
+        return _min_filter(big, 2 * radius + 1) if radius >= 1 else big
+    return digit
+
+
+def _block_size(gray: np.ndarray) -> int:
+    """The side of the pixel blocks of a picture enlarged with nearest neighbour (a 16x16 scan shown at
+    128 px), or 1. Such a picture changes from one row (or column) to the next only every k rows."""
+    sizes = []
+    for a in (gray, gray.T):
+        changes = np.nonzero(np.abs(a[1:] - a[:-1]).max(axis=1) > 0.02)[0]
+        if changes.size < 4:
+            return 1
+        sizes.append(float(np.percentile(np.diff(changes), 10)))
+    size = int(round(min(sizes)))
+    return size if 2 <= size <= max(gray.shape) / 6 else 1
+
+
+def _smooth_blocks(gray: np.ndarray) -> np.ndarray:
+    """Undo nearest-neighbour enlargement: blur over one block, so staircase edges become the smooth strokes
+    the low-resolution scan stood for (they would otherwise reach the model as jagged steps)."""
+    size = _block_size(gray)
+    return _box_blur(gray, size // 2) if size >= 3 else gray
+
+
+def _flat_paper(gray: np.ndarray, dark_ink: bool) -> float | None:
+    """The paper's brightness when it is evenly lit (a scan, a drawing program, a binary image), else None.
+
+    For such pictures the background is that one level: the morphological estimate would take strokes
+    wider than its window, or touching the picture's edge, for background.
+    """
+    small = _shrink_to(gray, 64)
+    bright = 1.0 - small if dark_ink else small  # ink bright
+    low, high = np.percentile(bright, [2, 98])
+    if high - low < MIN_INK_CONTRAST:
+        return None
+    paper = bright[bright < (low + high) / 2]
+    p10, p50, p90 = np.percentile(paper, [10, 50, 90])
+    if p90 - p10 > FLAT_PAPER:
+        return None
+    return float(1.0 - p50 if dark_ink else p50)
 
 
 def _fit_box(digit: np.ndarray) -> np.ndarray:
@@ -629,11 +717,14 @@ def _pipeline(gray: np.ndarray, stages: dict[str, np.ndarray] | None) -> np.ndar
     keep("grayscale", gray)
     if float(gray.max() - gray.min()) < 1e-3:
         raise PreprocessError("no ink found: the image is uniform (blank)")
-    work = _shrink_to(gray, WORK_SIZE)
+    work = _smooth_blocks(_shrink_to(gray, WORK_SIZE))
     dark_ink = _ink_is_dark(work)
+    if _border_is_mostly_ink(work, dark_ink):
+        dark_ink = not dark_ink
     bright = 1.0 - work if dark_ink else work
     keep("polarity", bright)
-    background = _background(work, dark_ink)
+    paper = _flat_paper(work, dark_ink)
+    background = _background(work, dark_ink) if paper is None else np.full_like(work, paper)
     keep("background", 1.0 - background if dark_ink else background)
     ink = _flatten(work, dark_ink, background)
     keep("flattened", ink / max(float(ink.max()), 1e-6))
@@ -645,8 +736,10 @@ def _pipeline(gray: np.ndarray, stages: dict[str, np.ndarray] | None) -> np.ndar
     if rows.size == 0:
         raise PreprocessError("no ink found: the image is blank")
     crop = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    crop = _thicken(np.pad(crop, 1))
-    rows, cols = np.nonzero(crop > 0)
+    crop = _normalise_strokes(np.pad(crop, 1))
+    rows, cols = np.nonzero(crop > 0.02)
+    if rows.size == 0:
+        raise PreprocessError("no ink found: the image is blank")
     crop = crop[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     keep("cropped", crop)
     box = _fit_box(crop)

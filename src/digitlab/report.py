@@ -11,7 +11,8 @@ from .evaluation import Report
 def print_report(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]{report.model}[/] on {report.dataset} {report.split} ({report.count:,} images): "
-                  f"accuracy [bold]{report.accuracy:.2%}[/], loss {report.loss:.4f}")
+                  f"accuracy [bold]{report.accuracy:.2%}[/], loss {report.loss:.4f}, "
+                  f"calibration error (ECE) {report.ece:.4f}")
     scores = Table(title="per class", title_justify="left")
     for column in ("class", "precision", "recall", "F1", "support"):
         scores.add_column(column, justify="right")
@@ -30,5 +31,12 @@ def print_report(report: Report, console: Console | None = None) -> None:
         worst = ", ".join(f"#{m['index']} {report.class_names[m['true']]}->{report.class_names[m['predicted']]} "
                           f"({m['confidence']:.0%})" for m in report.mistakes[:5])
         console.print(f"most confident mistakes: {worst}")
+    if report.selective:
+        reject = Table(title="what --reject-below buys (calibrated confidence)", title_justify="left")
+        for column in ("reject below", "answers kept", "accuracy on them"):
+            reject.add_column(column, justify="right")
+        for row in report.selective:
+            reject.add_row(f"{row['threshold']:.0%}", f"{row['kept']:.2%}", f"{row['accuracy']:.2%}")
+        console.print(reject)
     for kind, path in report.files.items():
         console.print(f"wrote {kind}: {path}")

@@ -6,9 +6,14 @@
   const PREDICT_URL = "api/predict?explain=true";
   const MODEL_URL = "api/model";
   const SEND_EVERY_MS = 150;      // while drawing: at most one request per 150 ms, and one in flight
-  const BRUSH = 22;               // px on the 280 px pad: about 2 MNIST pixels after scaling to 28
+  const BRUSH = 22;               // px on the 280 px pad for a full-size digit: about 2 MNIST pixels
+  const MIN_BRUSH = 7;
+  const PEN_SHARE = 0.12;         // MNIST strokes are ~12% of the digit's size: the pen follows the drawing's size
+  const SMALL_DRAWING = 0.4;      // a drawing under 40% of the pad gets the "draw bigger" hint
   const MAX_UPLOAD_BYTES = 5_000_000;
   const HEAT = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];  // inferno-like
+  const TOWARDS = [255, 140, 26];  // orange: pushed towards the answer
+  const AGAINST = [51, 140, 255];  // blue: pushed towards the runner-up
 
   const $ = (id) => document.getElementById(id);
   const pad = $("pad");
@@ -17,27 +22,38 @@
   const resultEl = $("result");
   const digitEl = $("digit");
   const confidenceEl = $("confidence");
+  const calibrationEl = $("calibration");
   const preprocessedEl = $("preprocessed");
   const barsEl = $("bars");
+  const whyEl = $("why");
+  const whyMap = $("why-map");
+  const whyText = $("why-text");
   const insideEl = $("inside");
   const insideHelp = $("inside-help");
+  const sizeHint = $("size-hint");
   const upload = $("upload");
+
+  // What /api/model says about the confidences (filled in at start)
+  const model = { calibrated: false, rejectBelow: null };
 
   // ------------------------------------------------------------------------------------------------
   // State: what to send next, and which responses are still wanted
   // ------------------------------------------------------------------------------------------------
   let hasInk = false;         // never send an empty pad: the server would (rightly) answer 422
   let pendingFile = null;     // an uploaded file goes to the server as it is, not re-drawn
+  let showingUpload = false;  // the pad shows an uploaded picture: a new stroke starts a new drawing
   let timer = null;
   let inFlight = false;
   let dirty = false;
-  let generation = 0;         // bumped by Clear: answers to older requests are dropped
+  let generation = 0;         // bumped by Clear, an upload and a new drawing: older answers are dropped
 
   // ------------------------------------------------------------------------------------------------
-  // Drawing with pointer events (mouse, pen and touch alike)
+  // Drawing with pointer events (mouse, pen and touch alike). Strokes are kept as points and redrawn,
+  // so the pen width can follow the drawing's size: a small digit drawn in a corner is scaled up ~5x
+  // to MNIST's 20x20 box, and a full-width pen would become fat blobs.
   // ------------------------------------------------------------------------------------------------
+  let strokes = [];
   let activePointer = null;
-  let last = null;
 
   function clearPad() {
     ctx.fillStyle = "#000";
@@ -52,24 +68,36 @@
     };
   }
 
-  function dot(p) {
-    // a zero-length line draws nothing in some browsers: a tap needs a filled circle
-    ctx.fillStyle = "#fff";
-    ctx.beginPath();
-    ctx.arc(p.x, p.y, BRUSH / 2, 0, 2 * Math.PI);
-    ctx.fill();
+  function drawingSize() {
+    const points = strokes.flat();
+    const xs = points.map((p) => p.x);
+    const ys = points.map((p) => p.y);
+    return Math.max(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys));
   }
 
-  function strokeTo(p) {
+  function penWidth() {
+    return Math.min(BRUSH, Math.max(MIN_BRUSH, PEN_SHARE * drawingSize()));
+  }
+
+  function render() {
+    clearPad();
+    const width = penWidth();
+    ctx.fillStyle = "#fff";
     ctx.strokeStyle = "#fff";
-    ctx.lineWidth = BRUSH;
+    ctx.lineWidth = width;
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
-    ctx.beginPath();
-    ctx.moveTo(last.x, last.y);
-    ctx.lineTo(p.x, p.y);
-    ctx.stroke();
-    last = p;
+    for (const stroke of strokes) {
+      ctx.beginPath();
+      if (stroke.length === 1) {  // a tap: a zero-length line draws nothing in some browsers
+        ctx.arc(stroke[0].x, stroke[0].y, width / 2, 0, 2 * Math.PI);
+        ctx.fill();
+        continue;
+      }
+      ctx.moveTo(stroke[0].x, stroke[0].y);
+      for (const p of stroke.slice(1)) ctx.lineTo(p.x, p.y);
+      ctx.stroke();
+    }
   }
 
   pad.addEventListener("pointerdown", (event) => {
@@ -77,23 +105,32 @@
     event.preventDefault();
     pad.setPointerCapture(event.pointerId);
     activePointer = event.pointerId;
-    last = toPad(event);
-    dot(last);
+    if (showingUpload) {
+      // A stroke after an upload starts a new drawing: never paint over the photo and send the blend.
+      showingUpload = false;
+      pendingFile = null;
+      strokes = [];
+      generation += 1;
+    }
+    strokes.push([toPad(event)]);
+    render();
     hasInk = true;
-    pendingFile = null;
     schedule();
   });
 
   pad.addEventListener("pointermove", (event) => {
     if (event.pointerId !== activePointer) return;
     const events = typeof event.getCoalescedEvents === "function" ? event.getCoalescedEvents() : [];
-    for (const e of events.length ? events : [event]) strokeTo(toPad(e));
+    const stroke = strokes[strokes.length - 1];
+    for (const e of events.length ? events : [event]) stroke.push(toPad(e));
+    render();
     schedule();
   });
 
   function endStroke(event) {
     if (event.pointerId !== activePointer) return;
     activePointer = null;
+    sizeHint.hidden = drawingSize() >= SMALL_DRAWING * pad.width;
     schedule();
   }
   pad.addEventListener("pointerup", endStroke);
@@ -101,13 +138,14 @@
 
   $("clear").addEventListener("click", () => {
     generation += 1;
+    strokes = [];
     clearPad();
     hasInk = false;
     pendingFile = null;
+    showingUpload = false;
     dirty = false;
-    resultEl.hidden = true;
-    insideEl.replaceChildren();
-    insideHelp.hidden = false;
+    sizeHint.hidden = true;
+    clearAnswer();
     setStatus("Cleared. Draw a digit.");
   });
 
@@ -119,14 +157,18 @@
     upload.value = "";  // choosing the same file again fires "change" again
     if (!file) return;
     if (file.type && !file.type.startsWith("image/")) {
+      clearAnswer();
       setStatus(`${file.name} is not an image (${file.type}).`, true);
       return;
     }
     if (file.size > MAX_UPLOAD_BYTES) {
+      clearAnswer();
       setStatus(`${file.name} is too large (${(file.size / 1e6).toFixed(1)} MB; the limit is 5 MB).`, true);
       return;
     }
     generation += 1;
+    strokes = [];
+    sizeHint.hidden = true;
     clearPad();
     try {
       const bitmap = await createImageBitmap(file);
@@ -140,6 +182,7 @@
       // The browser cannot show it; the server may still read it, and will say so if not.
     }
     hasInk = true;
+    showingUpload = true;
     pendingFile = file;
     setStatus(`Reading ${file.name}\u2026`);
     schedule(0);
@@ -167,10 +210,10 @@
     try {
       const blob = file || await padBlob();
       const answer = await predict(blob, file ? file.name : "drawing.png");
-      if (mine === generation) show(answer);
+      if (mine === generation) await show(answer, file ? file.name : "your drawing");
     } catch (err) {
       if (mine === generation) {
-        resultEl.hidden = true;
+        clearAnswer();  // nothing of the previous answer may stay under the error
         setStatus(err.message, true);
       }
     } finally {
@@ -201,13 +244,21 @@
     return body;
   }
 
-  function setStatus(text, isError = false) {
+  function setStatus(text, isError = false, spoken = "") {
+    // The visible line says where the answer came from; the digit itself is big on the page already,
+    // so it is only spoken (visually hidden) for screen readers.
     statusEl.textContent = text;
+    if (spoken) {
+      const span = document.createElement("span");
+      span.className = "visually-hidden";
+      span.textContent = ` ${spoken}`;
+      statusEl.appendChild(span);
+    }
     statusEl.classList.toggle("error", isError);
   }
 
   // ------------------------------------------------------------------------------------------------
-  // Showing a prediction
+  // Showing a prediction, and clearing it
   // ------------------------------------------------------------------------------------------------
   const barItems = [];
   for (let d = 0; d < 10; d += 1) {
@@ -222,9 +273,32 @@
     return p >= 0.995 ? "100%" : p >= 0.1 ? `${(100 * p).toFixed(0)}%` : `${(100 * p).toFixed(1)}%`;
   }
 
-  function show(answer) {
-    digitEl.textContent = String(answer.digit);
-    confidenceEl.textContent = `${(100 * answer.confidence).toFixed(1)}% confident`;
+  function clearAnswer() {
+    resultEl.hidden = true;
+    digitEl.textContent = "";
+    confidenceEl.textContent = "";
+    preprocessedEl.removeAttribute("src");
+    barItems.forEach((item) => {
+      item.bar.style.height = "0%";
+      item.value.textContent = "";
+      item.li.classList.remove("best");
+      item.li.removeAttribute("aria-label");
+    });
+    whyEl.hidden = true;
+    whyText.textContent = "";
+    whyMap.getContext("2d").clearRect(0, 0, 28, 28);
+    insideEl.replaceChildren();
+    insideKey = "";
+    insideHelp.hidden = false;
+  }
+
+  async function show(answer, source) {
+    const sure = !answer.rejected;
+    digitEl.textContent = sure ? String(answer.digit) : "?";
+    digitEl.classList.toggle("unsure", !sure);
+    const pct = `${(100 * answer.confidence).toFixed(1)}%`;
+    confidenceEl.textContent = sure ? `${pct} confident`
+      : `not sure: best guess ${answer.digit} at ${pct}, below the ${percent(model.rejectBelow)} threshold`;
     preprocessedEl.src = `data:image/png;base64,${answer.preprocessed}`;
     answer.probabilities.forEach((p, d) => {
       const item = barItems[d];
@@ -234,27 +308,83 @@
       item.li.setAttribute("aria-label", `${d}: ${percent(p)}`);
     });
     resultEl.hidden = false;
-    setStatus(`Prediction: ${answer.digit}, ${(100 * answer.confidence).toFixed(1)}% confident.`);
-    if (answer.activations) showInside(answer.activations);
+    const spoken = sure ? `Prediction: ${answer.digit}, ${pct} confident.`
+      : `Not sure. Best guess ${answer.digit}, ${pct}.`;
+    setStatus(`Read from ${source}.`, false, spoken);
+    if (answer.saliency) await showWhy(answer);
+    if (answer.activations) showInside(answer.activations, answer.templates);
   }
 
   // ------------------------------------------------------------------------------------------------
-  // Look inside: heat maps of hidden units / feature maps, and the output logits
+  // Why this digit: the saliency map over the 28x28 image the model saw
+  // ------------------------------------------------------------------------------------------------
+  async function showWhy(answer) {
+    const img = new Image();
+    img.src = `data:image/png;base64,${answer.preprocessed}`;
+    await img.decode();
+    const c = whyMap.getContext("2d");
+    c.drawImage(img, 0, 0);
+    const image = c.getImageData(0, 0, 28, 28);
+    const flat = answer.saliency.flat();
+    const span = Math.max(1e-9, ...flat.map(Math.abs));
+    flat.forEach((v, i) => {
+      const gray = image.data[4 * i] * 0.45;  // the digit, dimmed
+      const s = Math.pow(Math.min(1, Math.abs(v) / span), 0.7);
+      const colour = v >= 0 ? TOWARDS : AGAINST;
+      for (let k = 0; k < 3; k += 1) image.data[4 * i + k] = Math.round(gray * (1 - s) + colour[k] * s);
+      image.data[4 * i + 3] = 255;
+    });
+    c.putImageData(image, 0, 0);
+    const d = answer.digit;
+    const r = answer.runner_up;
+    whyText.innerHTML = "";
+    whyText.append(`Why: it looked most like a ${d}, and next like a ${r}, because of these strokes: `);
+    const towards = document.createElement("span");
+    towards.className = "towards";
+    towards.textContent = `orange pushed towards ${d}`;
+    const against = document.createElement("span");
+    against.className = "against";
+    against.textContent = `blue towards ${r}`;
+    whyText.append(towards, ", ", against, ".");
+    whyEl.hidden = false;
+  }
+
+  // ------------------------------------------------------------------------------------------------
+  // Look inside: what each layer computes, in plain words
   // ------------------------------------------------------------------------------------------------
   let insideKey = "";
   let insideViews = {};
 
-  const DESCRIPTIONS = {
-    hidden1: "First hidden layer: 512 units after ReLU, one square each. Bright = strongly active, black = off.",
-    hidden2: "Second hidden layer: 512 units after ReLU. Fewer, more specific units light up here.",
-    logits: "Output logits: one score per digit before softmax. The largest wins.",
-  };
+  const ORDINAL = ["first", "second", "third", "fourth", "fifth"];
 
-  function describe(name, value) {
-    if (DESCRIPTIONS[name]) return DESCRIPTIONS[name];
-    const h = value[0].length;
-    const w = value[0][0].length;
-    return `${name}: the first ${value.length} feature maps (${h}\u00d7${w}) after this conv block.`;
+  function layerTitle(name, value) {
+    // (title, one sentence of explanation) for a layer, from its name and shape
+    if (name === "logits") {
+      return [`output scores (logits): ${value.length} numbers`,
+        "One score per digit before softmax; the highest wins. Softmax turns them into the probabilities " +
+        "above: each step of 1 between two scores is a factor of about 2.7 between their probabilities."];
+    }
+    const hidden = /^hidden(\d+)$/.exec(name);
+    if (hidden) {
+      const nth = ORDINAL[Number(hidden[1]) - 1] || `hidden layer ${hidden[1]}:`;
+      return [`${nth} hidden layer: ${value.length} units`,
+        "Each square is one unit after ReLU, black when off, bright when strongly on. These units combine " +
+        "the first layer's answers; only a few fire for any one digit."];
+    }
+    const conv = /^conv(\d+)$/.exec(name);
+    if (conv) {
+      const i = Number(conv[1]);
+      const size = `${value[0].length}\u00d7${value[0][0].length}`;
+      const title = `${ORDINAL[i - 1] || `block ${i}`} conv block: ${value.length} of its feature maps, ${size}`;
+      if (i === 1) {
+        return [title, "Each map is one learned 3\u00d73 filter slid over the image: bright where its pattern " +
+          "(an edge in one direction, a stroke end) is found. You can still see the digit in them."];
+      }
+      return [title, "Later maps are coarse: each of their pixels looks at a wide patch of the digit, and " +
+        "they signal parts of digits (a loop, a crossing, a corner) rather than single strokes. The " +
+        "network keeps only each map's strongest value for its answer."];
+    }
+    return [name, ""];
   }
 
   function heatColor(t) {
@@ -274,25 +404,74 @@
     canvas.getContext("2d").putImageData(image, 0, 0);
   }
 
-  function layerShell(name) {
+  function paintSigned(canvas, values) {
+    // weights: orange positive (ink here excites the unit), blue negative (ink here inhibits it)
+    const span = Math.max(1e-9, ...values.map(Math.abs));
+    const image = canvas.getContext("2d").createImageData(canvas.width, canvas.height);
+    values.forEach((v, i) => {
+      const s = Math.min(1, Math.abs(v) / span);
+      const colour = v >= 0 ? TOWARDS : AGAINST;
+      image.data.set([0, 1, 2].map((k) => Math.round(colour[k] * s)).concat(255), 4 * i);
+    });
+    canvas.getContext("2d").putImageData(image, 0, 0);
+  }
+
+  function canvasFor(width, height, className, label) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.className = className;
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", label);
+    return canvas;
+  }
+
+  function layerShell(title, sentence) {
     const box = document.createElement("figure");
     box.className = "layer";
-    box.style.margin = "0";
-    const title = document.createElement("h3");
-    title.textContent = name;
-    box.appendChild(title);
+    const heading = document.createElement("h3");
+    heading.textContent = title;
+    const text = document.createElement("p");
+    text.textContent = sentence;
+    box.append(heading, text);
     return box;
   }
 
-  function buildInside(activations) {
+  function buildTemplates(count) {
+    const box = layerShell(`first hidden layer: 512 units`,
+      `Each unit weighs all 784 pixels. Here are the ${count} units most active for this digit, most ` +
+      "active first, each as its 784 weights drawn 28\u00d728: orange where ink excites the unit, blue " +
+      "where ink inhibits it. The number is how strongly it fired.");
+    box.classList.add("wide");
+    const grid = document.createElement("div");
+    grid.className = "templates";
+    const cells = [];
+    for (let k = 0; k < count; k += 1) {
+      const cell = document.createElement("figure");
+      const canvas = canvasFor(28, 28, "template", "Input weights of a first-layer unit");
+      const caption = document.createElement("figcaption");
+      cell.append(canvas, caption);
+      grid.appendChild(cell);
+      cells.push({ canvas, caption });
+    }
+    box.appendChild(grid);
+    insideEl.appendChild(box);
+    insideViews.templates = { kind: "templates", cells };
+  }
+
+  function buildInside(activations, templates) {
     insideEl.replaceChildren();
     insideViews = {};
+    if (templates) buildTemplates(templates.length);
     for (const [name, value] of Object.entries(activations)) {
-      const box = layerShell(name);
+      if (name === "hidden1" && templates) continue;  // shown as templates instead
+      const [title, sentence] = layerTitle(name, value);
+      const box = layerShell(title, sentence);
+      let view;
       if (name === "logits") {
         const list = document.createElement("ol");
         list.className = "logits";
-        list.setAttribute("aria-label", "Output logits");
+        list.setAttribute("aria-label", "Output scores");
         const rows = value.map((_, d) => {
           const li = document.createElement("li");
           li.innerHTML = `<span>${d}</span><span class="logit-track"><span class="logit"></span></span>` +
@@ -300,52 +479,49 @@
           list.appendChild(li);
           return { fill: li.querySelector(".logit"), text: li.querySelector(".logit-value") };
         });
-        box.appendChild(list);
-        insideViews[name] = { kind: "logits", rows };
+        box.insertBefore(list, box.lastChild);
+        view = { kind: "logits", rows };
       } else if (typeof value[0] === "number") {
         // a vector of units (512 for the MLP) as a 2:1 grid: 32 x 16
         const cols = Math.ceil(Math.sqrt(value.length * 2));
-        const canvas = document.createElement("canvas");
-        canvas.width = cols;
-        canvas.height = Math.ceil(value.length / cols);
-        canvas.className = "heatmap units";
-        canvas.setAttribute("role", "img");
-        canvas.setAttribute("aria-label", `Heat map of the ${value.length} units of ${name}`);
-        box.appendChild(canvas);
-        insideViews[name] = { kind: "units", canvas };
+        const canvas = canvasFor(cols, Math.ceil(value.length / cols), "heatmap units",
+          `Heat map of the ${value.length} units of ${title}`);
+        box.insertBefore(canvas, box.lastChild);
+        view = { kind: "units", canvas };
       } else {
-        // feature maps: [channels][H][W]
+        // feature maps: [channels][H][W]; the first block large enough to see the digit in
         const grid = document.createElement("div");
-        grid.className = "maps";
+        grid.className = name === "conv1" ? "maps first" : "maps";
         const canvases = value.map((map, c) => {
-          const canvas = document.createElement("canvas");
-          canvas.width = map[0].length;
-          canvas.height = map.length;
-          canvas.className = "heatmap";
-          canvas.setAttribute("role", "img");
-          canvas.setAttribute("aria-label", `${name} feature map ${c + 1}`);
+          const canvas = canvasFor(map[0].length, map.length, "heatmap", `${title}: map ${c + 1}`);
           grid.appendChild(canvas);
           return canvas;
         });
-        box.appendChild(grid);
-        insideViews[name] = { kind: "maps", canvases };
+        box.insertBefore(grid, box.lastChild);
+        view = { kind: "maps", canvases };
       }
-      const text = document.createElement("p");
-      text.textContent = describe(name, value);
-      box.appendChild(text);
+      insideViews[name] = view;
       insideEl.appendChild(box);
     }
   }
 
-  function showInside(activations) {
-    const key = Object.keys(activations).join(",");
+  function showInside(activations, templates) {
+    const key = Object.keys(activations).join(",") + (templates ? `,t${templates.length}` : "");
     if (key !== insideKey || !insideEl.firstChild) {
-      buildInside(activations);
+      buildInside(activations, templates);
       insideKey = key;
     }
     insideHelp.hidden = true;
+    if (templates) {
+      templates.forEach((t, k) => {
+        const cell = insideViews.templates.cells[k];
+        paintSigned(cell.canvas, t.weights.flat());
+        cell.caption.textContent = `unit ${t.unit} \u00b7 ${t.activation.toFixed(1)}`;
+      });
+    }
     for (const [name, value] of Object.entries(activations)) {
       const view = insideViews[name];
+      if (!view) continue;
       if (view.kind === "logits") {
         const span = Math.max(1e-6, ...value.map(Math.abs));
         value.forEach((v, d) => {
@@ -372,12 +548,19 @@
     const info = $("model-info");
     try {
       const response = await fetch(MODEL_URL);
-      const model = await response.json();
-      const params = Number(model.parameters).toLocaleString("en-US");
-      const accuracy = typeof model.accuracy === "number"
-        ? `test accuracy ${(100 * model.accuracy).toFixed(2)}%` : "accuracy not recorded";
-      const about = model.description ? ` \u2014 ${model.description}` : "";
-      info.textContent = `Model: ${model.model}${about}. ${params} parameters, ${accuracy}.`;
+      const m = await response.json();
+      const params = Number(m.parameters).toLocaleString("en-US");
+      const accuracy = typeof m.accuracy === "number"
+        ? `test accuracy ${(100 * m.accuracy).toFixed(2)}%` : "accuracy not recorded";
+      // the description may carry its own rounded count ("(24 k parameters)"): the exact one follows
+      const description = (m.description || "").replace(/\s*\([^)]*parameters\)/, "");
+      const about = description ? ` \u2014 ${description}` : "";
+      info.textContent = `Model: ${m.model}${about}. ${params} parameters, ${accuracy}.`;
+      model.calibrated = Boolean(m.calibrated);
+      model.rejectBelow = typeof m.reject_below === "number" ? m.reject_below : null;
+      calibrationEl.textContent = model.calibrated
+        ? "Confidence is calibrated: of all answers given at 90%, about 90% are right."
+        : "Confidence is the network's raw softmax output, not calibrated: it is often too sure.";
     } catch (err) {
       info.textContent = "Model information unavailable.";
     }

@@ -9,6 +9,14 @@ encoded as a user would send it: JPEG (colour or grey), PNG (colour, grey, 16-bi
 Seeded per image: image i of `make_userlike(images, seed)` is the same whatever else is generated, so a
 test on the first 1,000 and a benchmark on all 10,000 see identical pictures. Only the generator lives in
 the repo, never the pictures.
+
+`hard_variants()` adds the pictures that used to defeat preprocessing, one function per kind (name ->
+function(digit (28, 28) uint8, rng) -> PIL image): tight crops whose strokes touch every edge, digits
+stretched to fill their box, binary 16x16 and 8x8 scans enlarged with blocky pixels, thick marker, faint
+pencil, white ink on a transparent canvas (palette PNG and RGBA), and a digit written inside a drawn box.
+
+Used by the tests and benchmarks only (import it as `benchmarks.userlike` from the repository root, or as
+`userlike` from a script in benchmarks/).
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # What fraction of the pictures gets each encoding (cumulative thresholds drawn against one uniform number).
 KINDS = (
@@ -206,3 +214,158 @@ def make_userlike(images: np.ndarray, seed: int = 0, start: int = 0, workers: in
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(one, range(len(images)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hard variants: the pictures that defeated the first preprocessing (see docs/preprocessing.md)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _strokes(digit: np.ndarray, rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """The digit as pen strokes (float in [0, 1], ink = 1), cropped tight to its ink."""
+    ink = _ink_map(digit, size or int(rng.integers(120, 280)), rng)
+    rows, cols = np.nonzero(ink > 0.05)
+    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def _paper(ink: np.ndarray, rng: np.random.Generator, pen: float | None = None, noise: float = 0.01) -> Image.Image:
+    """Dark ink on light paper, a little sensor noise, grayscale."""
+    paper = float(rng.uniform(0.85, 1.0))
+    pen = float(rng.uniform(0.0, 0.25)) if pen is None else pen
+    value = paper * (1 - ink) + pen * ink + noise * rng.standard_normal(ink.shape)
+    return Image.fromarray(np.rint(np.clip(value, 0, 1) * 255).astype(np.uint8))
+
+
+def tight_crop(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Cropped to the ink's bounding box: strokes touch all four edges (a cut-out, a tight selection)."""
+    return _paper(_strokes(digit, rng), rng)
+
+
+def stretched(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Stretched to fill a square box (aspect ratio changed), as some forms and apps do."""
+    ink = _strokes(digit, rng)
+    side = int(max(ink.shape) * rng.uniform(0.9, 1.1))
+    ink = np.asarray(Image.fromarray(ink).resize((side, side), Image.Resampling.BILINEAR))
+    return _paper(np.clip(ink, 0, 1), rng)
+
+
+def _binary_scan(digit: np.ndarray, rng: np.random.Generator, cells: int) -> Image.Image:
+    """Binary cells x cells scan (the digit fills the box vertically, as NIST's forms), enlarged with nearest
+    neighbour to 96-160 px: blocky, hard-edged, dark on white."""
+    ink = _strokes(digit, rng, size=112)
+    h, w = ink.shape
+    width = max(1, round(cells * w / h))
+    small = np.asarray(Image.fromarray(ink).resize((min(cells, width), cells), Image.Resampling.BOX))
+    box = np.zeros((cells, cells), np.float32)
+    left = (cells - small.shape[1]) // 2
+    box[:, left:left + small.shape[1]] = small > float(rng.uniform(0.3, 0.45))
+    side = int(rng.integers(96, 161))
+    u8 = np.rint((1 - box) * 255).astype(np.uint8)
+    return Image.fromarray(u8).resize((side, side), Image.Resampling.NEAREST)
+
+
+def binary16(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    return _binary_scan(digit, rng, 16)
+
+
+def binary8(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    return _binary_scan(digit, rng, 8)
+
+
+def _grow(ink: np.ndarray, radius: int) -> np.ndarray:
+    """A max filter of the given radius (Pillow's, so this file needs no SciPy)."""
+    image = Image.fromarray(np.rint(ink * 255).astype(np.uint8))
+    return np.asarray(image.filter(ImageFilter.MaxFilter(2 * radius + 1)), dtype=np.float32) / 255.0
+
+
+def thick_marker(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A felt marker: strokes 2-3x MNIST's width, on a page with margins."""
+    ink = _strokes(digit, rng, size=int(rng.integers(120, 200)))
+    ink = _grow(np.pad(ink, 12), int(rng.integers(4, 8)))
+    margin = int(rng.integers(10, 60))
+    return _paper(np.pad(ink, margin), rng)
+
+
+def faint_pencil(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A hard pencil: grey strokes only 15-30% darker than the paper, some noise."""
+    ink = np.pad(_strokes(digit, rng), int(rng.integers(10, 60)))
+    paper = float(rng.uniform(0.8, 0.95))
+    return _paper(ink, rng, pen=paper * float(rng.uniform(0.7, 0.85)), noise=0.015)
+
+
+def _white_strokes(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """White strokes' coverage (float, antialiased) on a canvas with a margin of 0-40 px (0: the canvas was
+    cropped to the drawing)."""
+    margin = int(rng.integers(0, 40)) if rng.random() < 0.5 else 0
+    return np.pad(_strokes(digit, rng), margin)
+
+
+def white_on_transparent_rgba(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """White strokes on a transparent canvas (RGBA, antialiased alpha), as a drawing program exports."""
+    ink = _white_strokes(digit, rng)
+    alpha = np.rint(ink * 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([np.full((*ink.shape, 3), 255, np.uint8), alpha]), "RGBA")
+
+
+def white_on_transparent_palette(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """White strokes on a transparent canvas saved as a palette ("P") PNG with one transparent index, as
+    drawing programs save them: the strokes' antialiased rims are blended into the canvas colour (black or
+    white) and stored as opaque grey entries; only the canvas itself is transparent."""
+    ink = _white_strokes(digit, rng)
+    canvas = int(rng.choice([0, 0, 255]))
+    levels = np.rint(ink * 4).astype(np.uint8)  # 0: transparent canvas, 1..4: a quarter to full coverage
+    palette = [canvas] * 3
+    for level in range(1, 5):
+        palette += [round(255 * level / 4 + canvas * (1 - level / 4))] * 3
+    image = Image.fromarray(levels, "P")
+    image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=0)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def boxed(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Written inside a form's box and cut out: box lines on all four sides, touching the digit or near it,
+    the picture cut at the box or a little outside it."""
+    ink = _strokes(digit, rng)
+    h, w = ink.shape
+    gap_y, gap_x = (int(rng.integers(0, 0.12 * h + 1)) for _ in range(2))
+    gap_x += max(0, (h - w) // 2) if rng.random() < 0.7 else 0  # form boxes are about square
+    line = int(rng.integers(2, 6))
+    outside = int(rng.integers(0, 10))
+    size_y, size_x = h + 2 * (gap_y + line + outside), w + 2 * (gap_x + line + outside)
+    page = np.zeros((size_y, size_x), np.float32)
+    page[outside + line + gap_y:outside + line + gap_y + h, outside + line + gap_x:outside + line + gap_x + w] = ink
+    box = np.zeros_like(page)
+    box[outside:size_y - outside, outside:size_x - outside] = 1.0
+    box[outside + line:size_y - outside - line, outside + line:size_x - outside - line] = 0.0
+    level = float(rng.uniform(0.0, 0.5))  # the box's lines: black, or grey (a printed form)
+    value = np.minimum(1 - page, 1 - box * (1 - level))
+    value = value * float(rng.uniform(0.88, 1.0)) + 0.01 * rng.standard_normal(value.shape)
+    return Image.fromarray(np.rint(np.clip(value, 0, 1) * 255).astype(np.uint8))
+
+
+Variant = Callable[[np.ndarray, np.random.Generator], Image.Image]
+
+
+def hard_variants() -> dict[str, Variant]:
+    """name -> function(digit (28, 28) uint8, rng) -> PIL image, one per kind of hard picture."""
+    return {
+        "tight-crop": tight_crop,
+        "stretched": stretched,
+        "binary16": binary16,
+        "binary8": binary8,
+        "thick-marker": thick_marker,
+        "faint-pencil": faint_pencil,
+        "white-on-transparent-rgba": white_on_transparent_rgba,
+        "white-on-transparent-palette": white_on_transparent_palette,
+        "boxed": boxed,
+    }
+
+
+def make_hard(images: np.ndarray, name: str, seed: int = 0, start: int = 0) -> Iterator[Image.Image]:
+    """The `name` variant of each image; image i is seeded by (seed, variant, start + i)."""
+    variant = hard_variants()[name]
+    key = sorted(hard_variants()).index(name)
+    for i, digit in enumerate(images):
+        yield variant(np.asarray(digit, dtype=np.uint8), np.random.default_rng([seed, 1000 + key, start + i]))
