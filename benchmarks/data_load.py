@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from digitlab import data
+from digitlab import data, datafiles
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -40,8 +40,8 @@ def torchvision_root(data_dir: Path, tmp: Path) -> Path:
     """A torchvision-style root (MNIST/raw/ with decompressed files) in a temp dir."""
     raw = tmp / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for stem in data.SPLIT_FILES.values():
-        source = data.find_file(data_dir, stem)
+    for stem in datafiles.SPLIT_FILES.values():
+        source = datafiles.find_file(data_dir, stem)
         if source is None:
             raise SystemExit(f"data_load: {stem} not found in {data_dir}")
         if source.suffix == ".gz":
@@ -69,8 +69,8 @@ def main() -> None:
 
     from torchvision import datasets, transforms
 
-    files = data.locate(args.data, download=False)
-    spec = data.get_spec("mnist")
+    files = datafiles.locate(args.data, download=False)
+    spec = datafiles.get_spec("mnist")
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(args.data, Path(tmp))
 

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from digitlab import data
+from digitlab import data, datafiles, idx
 from digitlab.devices import autocast
 from digitlab.models import build_model
 
@@ -65,10 +65,10 @@ def main() -> None:
     try:
         images = data.load(args.data, download=False).test_images
         source = "MNIST test images"
-    except data.DataError:
+    except idx.DataError:
         images = torch.randint(0, 256, (10_000, 28, 28), dtype=torch.uint8)
         source = "random images"
-    x = data.to_input(images, data.MNIST_MEAN, data.MNIST_STD)  # (10000, 1, 28, 28)
+    x = data.to_input(images, datafiles.MNIST_MEAN, datafiles.MNIST_STD)  # (10000, 1, 28, 28)
     device = torch.device("cpu")
     print(f"{torch.get_num_threads()} threads, {len(x):,} {source}, batch {args.batch_size}, "
           f"median of {args.repeats}")

@@ -2,9 +2,10 @@
 
     python benchmarks/make_preprocessing_figures.py --data ../shared/datasets/mnist [--out docs/img]
 
-Writes preprocessing-stages.png (each step of the pipeline on four pictures) and preprocessing-userlike.png
-(MNIST digits, the user-like photos made from them, and what preprocessing gives back). Deterministic: the
-same seeds give the same pictures.
+Writes preprocessing-stages.png (each step of the pipeline on four pictures), preprocessing-userlike.png
+(MNIST digits, the user-like photos made from them, and what preprocessing gives back) and
+preprocessing-hard.png (each hard variant: the picture, the ink kept as the digit, the 28x28 result).
+Deterministic: the same seeds give the same pictures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image  # noqa: E402
 from common import add_data_option, mnist_test_set  # noqa: E402
 from digitlab.figures import save_png  # noqa: E402
 from digitlab.preprocessing import load_image, preprocess, preprocess_stages  # noqa: E402
-from digitlab.userlike import make_userlike, render  # noqa: E402
+from userlike import hard_variants, make_userlike, render  # noqa: E402
 
 STAGE_TITLES = {
     "grayscale": "grayscale",
@@ -104,6 +105,28 @@ def userlike_figure(images: np.ndarray, path: Path, count: int = 10) -> None:
     _save(fig, path)
 
 
+def hard_figure(images: np.ndarray, path: Path) -> None:
+    """Each hard variant (one MNIST test digit each): the picture, what preprocessing kept, the result."""
+    variants = list(hard_variants().items())
+    fig, axes = plt.subplots(3, len(variants), figsize=(1.25 * len(variants), 4.1))
+    for col, (name, variant) in enumerate(variants):
+        picture = variant(images[col], np.random.default_rng([0, col]))
+        stages = preprocess_stages(picture)
+        shown = [(_rgb(picture), None), (stages["digit"], "antialiased"), (stages["final"], "nearest")]
+        for row, (image, interpolation) in enumerate(shown):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if interpolation is None:
+                ax.imshow(image)
+                ax.set_title(name.replace("-", "\n", 1), fontsize=7)
+            else:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation=interpolation)
+    for row, label in enumerate(["picture", "kept as\nthe digit", "28x28"]):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    _save(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_option(parser)
@@ -114,7 +137,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stages_figure(images, out / "preprocessing-stages.png")
     userlike_figure(images, out / "preprocessing-userlike.png")
-    for name in ("preprocessing-stages.png", "preprocessing-userlike.png"):
+    hard_figure(images, out / "preprocessing-hard.png")
+    for name in ("preprocessing-stages.png", "preprocessing-userlike.png", "preprocessing-hard.png"):
         print(f"wrote {out / name} ({(out / name).stat().st_size / 1000:.0f} kB)")
 
 

@@ -27,8 +27,8 @@ from PIL import Image
 
 from common import add_data_option, mnist_test_set
 
-from digitlab import data
-from digitlab.userlike import make_userlike
+from digitlab.idx import write_idx
+from userlike import make_userlike
 
 
 def run_predict(checkpoint: str, target: str, device: str, out_path: Path) -> float:
@@ -78,7 +78,7 @@ def main() -> int:
         for i, image in enumerate(images):
             Image.fromarray(image).save(folder / f"{i:05d}.png")
         idx = workdir / "t10k-images-idx3-ubyte"
-        data.write_idx(idx, images)  # the same images as the PNGs (all of them unless --count)
+        write_idx(idx, images)  # the same images as the PNGs (all of them unless --count)
         one = workdir / "one.png"
         Image.fromarray(images[0]).save(one)
 

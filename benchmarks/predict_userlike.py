@@ -1,6 +1,6 @@
 """Accuracy on user-like photos vs clean MNIST, same checkpoint, through the library's predict path.
 
-Renders the MNIST test images as users' pictures (digitlab.userlike: 200-600 px, dark ink on grey paper,
+Renders the MNIST test images as users' pictures (benchmarks/userlike.py: 200-600 px, dark ink on grey paper,
 off-centre, lighting gradient and shadow, noise, specks, rotation, JPEG/PNG/16-bit/transparent), reads them
 with Predictor.predict (decode -> preprocess -> model) and compares with Predictor.predict on the clean IDX
 file. The target: user-like accuracy within 1.5 points of clean. For comparison it also reads the same
@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 
 from common import add_data_option, mnist_files, mnist_test_set
 from digitlab.prediction import Predictor
-from digitlab.userlike import make_userlike
+from userlike import make_userlike
 
 
 def naive(data: bytes) -> np.ndarray:

@@ -50,9 +50,9 @@ def sample_digits(data_dir: str | None, n: int) -> list[np.ndarray]:
     """n MNIST test images (28x28 uint8), or seeded synthetic strokes when MNIST is not found."""
     data_dir = data_dir or os.environ.get("DIGITLAB_DATA")
     if data_dir:
-        from digitlab import data
+        from digitlab import data, datafiles
 
-        if data.find_files(Path(data_dir)) is not None:
+        if datafiles.find_files(Path(data_dir)) is not None:
             return [img.numpy() for img in data.load(data_dir, download=False).test_images[:n]]
     rng = np.random.default_rng(0)
     images = []
@@ -242,7 +242,7 @@ async def run_scenario(host: str, port: int, scenario: str, requests: list[Reque
 
 
 MEMORY_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 from digitlab.preprocessing import load_image, preprocess
 from digitlab.serving import InferenceService
@@ -252,13 +252,19 @@ class Info:
 service = InferenceService(type("P", (), {"info": Info()})(), max_image_pixels=45_000_000)
 data = open(sys.argv[2], "rb").read()
 preprocess(np.zeros((28, 28), np.float32) + np.eye(28, dtype=np.float32))  # warm up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):  # kB, from /proc/self/status
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key)))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (ru_maxrss would include the parent's)
+before = status("VmRSS:")
 if sys.argv[1] == "before":
     x = preprocess(load_image(data, name="big.png"))  # what the server did: full-size decode, float copies
 else:
     x = preprocess(service.decode(data, "big.png"))  # decoded and reduced at once
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((status("VmHWM:") - before) / 1024)
 """
+
+
+PATCHES = [(i, j) for i in range(0, 26, 2) for j in range(0, 26, 2)]  # occlusion: 4x4 patches, stride 2
 
 
 def costs() -> None:
@@ -266,8 +272,8 @@ def costs() -> None:
     for each model, and the peak memory of decoding a 6320x6320 RGBA PNG the old way and the new way."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from test_serving import big_png  # a PNG written row by row: a few kB, never whole in memory
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests.test_serving import big_png  # a PNG written row by row: a few kB, never whole in memory
 
     from digitlab.prediction import Predictor
 
@@ -277,16 +283,15 @@ def costs() -> None:
             path = random_checkpoint(Path(tmp), name)
             predictor = Predictor.from_checkpoint(path, device="cpu")
             x = sample_digits(None, 1)[0].astype(np.float32) / 255
-            patches = [(i, j) for i in range(0, 26, 2) for j in range(0, 26, 2)]
 
-            def occlusion() -> None:
-                batch = np.repeat(x[None], len(patches), axis=0)
-                for k, (i, j) in enumerate(patches):
+            def occlusion(x: np.ndarray = x, predictor: Predictor = predictor) -> None:
+                batch = np.repeat(x[None], len(PATCHES), axis=0)
+                for k, (i, j) in enumerate(PATCHES):
                     batch[k, i:i + 4, j:j + 4] = 0
                 predictor.predict_arrays(batch)
 
-            for label, run in [("integrated gradients, 32 steps", lambda: predictor.saliency(x)),
-                               (f"occlusion, {len(patches)} patches", occlusion)]:
+            for label, run in [("integrated gradients, 32 steps", lambda x=x, p=predictor: p.saliency(x)),
+                               (f"occlusion, {len(PATCHES)} patches", occlusion)]:
                 run()
                 times = []
                 for _ in range(20):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitlab import data
+from digitlab import data, datafiles, idx
 
 REQUIRE_REALDATA = os.environ.get("DIGITLAB_REQUIRE_REALDATA") == "1"
 
@@ -29,7 +29,7 @@ def mnist_dir() -> Path:
     if not env:
         _missing("real MNIST not given: set DIGITLAB_DATA=../shared/datasets/mnist")
     path = Path(env)
-    if data.find_files(path) is None:
+    if datafiles.find_files(path) is None:
         _missing(f"DIGITLAB_DATA={env} does not hold the four MNIST files")
     return path
 
@@ -54,10 +54,10 @@ def write_dataset(directory: Path, n_train: int = 512, n_test: int = 128, seed: 
     directory.mkdir(parents=True, exist_ok=True)
     train_x, train_y = synthetic_digits(n_train, seed)
     test_x, test_y = synthetic_digits(n_test, seed + 1)
-    data.write_idx(directory / "train-images-idx3-ubyte.gz", train_x)
-    data.write_idx(directory / "train-labels-idx1-ubyte.gz", train_y)
-    data.write_idx(directory / "t10k-images-idx3-ubyte.gz", test_x)
-    data.write_idx(directory / "t10k-labels-idx1-ubyte.gz", test_y)
+    idx.write_idx(directory / "train-images-idx3-ubyte.gz", train_x)
+    idx.write_idx(directory / "train-labels-idx1-ubyte.gz", train_y)
+    idx.write_idx(directory / "t10k-images-idx3-ubyte.gz", test_x)
+    idx.write_idx(directory / "t10k-labels-idx1-ubyte.gz", test_y)
     return directory
 
 
@@ -107,7 +107,7 @@ def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict |
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
-    info = checkpoint.CheckpointInfo(model=name, model_config={}, mean=data.MNIST_MEAN, std=data.MNIST_STD,
+    info = checkpoint.CheckpointInfo(model=name, model_config={}, mean=datafiles.MNIST_MEAN, std=datafiles.MNIST_STD,
                                      class_names=[str(d) for d in range(10)], metrics=dict(metrics or {}),
                                      epoch=epoch, temperature=temperature)
     checkpoint.save(base, model, info)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitlab import data
+from digitlab import datafiles, idx
 
 from .conftest import run_main, save_random_checkpoint, write_dataset
 from .test_data import (
@@ -115,7 +115,7 @@ def odd_sized(directory: Path, shape: tuple[int, int]) -> Path:
     """A dataset whose images hold 784 pixels each, but not as 28x28."""
     write_dataset(directory)
     for stem, n in (("train-images-idx3-ubyte", 512), ("t10k-images-idx3-ubyte", 128)):
-        data.write_idx(directory / f"{stem}.gz", np.zeros((n, *shape), dtype=np.uint8))
+        idx.write_idx(directory / f"{stem}.gz", np.zeros((n, *shape), dtype=np.uint8))
     return directory
 
 
@@ -153,8 +153,8 @@ def test_explore_with_a_symlink_loop_as_data_dir_says_so(tmp_path, monkeypatch, 
 @pytest.fixture()
 def tiny_is_mnist(tiny_mnist_dir, monkeypatch) -> Path:
     """Make the registered MNIST checksums those of the tiny data, so `data verify` can pass on it."""
-    md5 = {stem: data.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS}
-    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(data.DATASETS["mnist"], md5=md5))
+    md5 = {stem: datafiles.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS}
+    monkeypatch.setitem(datafiles.DATASETS, "mnist", dataclasses.replace(datafiles.DATASETS["mnist"], md5=md5))
     return tiny_mnist_dir
 
 
@@ -188,7 +188,7 @@ def test_data_where_lists_the_lookup_order(tiny_mnist_dir, tmp_path, monkeypatch
     code, out, err = run_main(monkeypatch, capsys, "data", "where", "--data", str(tiny_mnist_dir))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines == [f"found  {tiny_mnist_dir}", f"-      {tmp_path / 'env'}", f"-      {data.cache_dir()}"]
+    assert lines == [f"found  {tiny_mnist_dir}", f"-      {tmp_path / 'env'}", f"-      {datafiles.cache_dir()}"]
 
 
 @pytest.mark.realdata
@@ -211,8 +211,8 @@ def test_data_verify_real_mnist_and_a_changed_copy(mnist_dir, tmp_path, monkeypa
     copy = tmp_path / "copy"
     copy.mkdir()
     for stem in STEMS:
-        shutil.copy(data.find_file(Path(mnist_dir), stem), copy)
-    target = data.find_file(copy, "t10k-images-idx3-ubyte")
+        shutil.copy(datafiles.find_file(Path(mnist_dir), stem), copy)
+    target = datafiles.find_file(copy, "t10k-images-idx3-ubyte")
     blob = bytearray(target.read_bytes())
     blob[len(blob) // 2] ^= 0x01  # one byte of the copy
     target.write_bytes(bytes(blob))

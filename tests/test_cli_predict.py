@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitlab import data, prediction
+from digitlab import idx, prediction
 from digitlab.prediction import MAX_INPUT_BYTES, InputItem, expand_inputs
 
 from .conftest import run_main, synthetic_digits
@@ -73,7 +73,7 @@ def test_folder_and_idx_inputs(monkeypatch, capsys, ckpt, tmp_path):
     (folder / "b.png").write_bytes(photo_png("1"))
     (folder / "sub" / "a.png").write_bytes(photo_png("4"))
     images, _ = synthetic_digits(5, seed=1)
-    data.write_idx(tmp_path / "few-idx3-ubyte.gz", images)
+    idx.write_idx(tmp_path / "few-idx3-ubyte.gz", images)
     code, out, _ = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", str(folder),
                             str(tmp_path / "few-idx3-ubyte.gz"))
     assert code == 0
@@ -237,7 +237,7 @@ def test_files_over_the_size_cap_are_refused(tmp_path, monkeypatch):
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + bytes(2000))
     idx_file = tmp_path / "big-idx3-ubyte"
-    data.write_idx(idx_file, np.zeros((3, 28, 28), np.uint8))
+    idx.write_idx(idx_file, np.zeros((3, 28, 28), np.uint8))
     items = expand_within([str(big), str(idx_file)])
     assert [i.error for i in items] == [f"{big}: file too large: 2004 bytes (the limit is 1000 bytes)",
                                         f"{idx_file}: file too large: {16 + 3 * 784} bytes (the limit is 1000 bytes)"]

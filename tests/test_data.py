@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from digitlab import data, datafiles, idx
-from digitlab.data import DataError
+from digitlab.idx import DataError
 
 from .conftest import REQUIRE_REALDATA, synthetic_digits, write_dataset
 
-STEMS = list(data.SPLIT_FILES.values())
+STEMS = list(datafiles.SPLIT_FILES.values())
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -51,24 +51,24 @@ def assert_one_line_error(exc: pytest.ExceptionInfo, file_name: str, defect: str
 @pytest.mark.parametrize("suffix", [".gz", ""])
 def test_round_trip_images_and_labels(tmp_path, suffix):
     images, labels = synthetic_digits(20, seed=3)
-    data.write_idx(tmp_path / f"images{suffix}", images)
-    data.write_idx(tmp_path / f"labels{suffix}", labels)
+    idx.write_idx(tmp_path / f"images{suffix}", images)
+    idx.write_idx(tmp_path / f"labels{suffix}", labels)
     assert (tmp_path / f"images{suffix}").read_bytes()[:2] == (b"\x1f\x8b" if suffix else b"\x00\x00")
-    np.testing.assert_array_equal(data.read_images(tmp_path / f"images{suffix}"), images)
-    np.testing.assert_array_equal(data.read_labels(tmp_path / f"labels{suffix}"), labels)
+    np.testing.assert_array_equal(idx.read_images(tmp_path / f"images{suffix}"), images)
+    np.testing.assert_array_equal(idx.read_labels(tmp_path / f"labels{suffix}"), labels)
 
 
 def test_header_is_the_idx_format(tmp_path):
     images = np.zeros((3, 28, 27), dtype=np.uint8)
-    raw = data.encode_idx(images)
+    raw = idx.encode_idx(images)
     assert struct.unpack(">IIII", raw[:16]) == (2051, 3, 28, 27)
     assert len(raw) == 16 + 3 * 28 * 27
-    assert struct.unpack(">II", data.encode_idx(np.zeros(5, dtype=np.uint8))[:8]) == (2049, 5)
+    assert struct.unpack(">II", idx.encode_idx(np.zeros(5, dtype=np.uint8))[:8]) == (2049, 5)
 
 
 def test_writer_refuses_non_uint8(tmp_path):
     with pytest.raises(DataError, match="uint8 only"):
-        data.write_idx(tmp_path / "x.gz", np.zeros((2, 28, 28), dtype=np.float32))
+        idx.write_idx(tmp_path / "x.gz", np.zeros((2, 28, 28), dtype=np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -78,8 +78,8 @@ def test_writer_refuses_non_uint8(tmp_path):
 def test_round_trip_property_images(images, gz):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("x.idx.gz" if gz else "x.idx")
-        data.write_idx(path, images)
-        back = data.read_images(path)
+        idx.write_idx(path, images)
+        back = idx.read_images(path)
     assert back.dtype == np.uint8 and back.shape == images.shape
     np.testing.assert_array_equal(back, images)
 
@@ -87,14 +87,14 @@ def test_round_trip_property_images(images, gz):
 @settings(max_examples=40, deadline=None)
 @given(labels=arrays(np.uint8, st.integers(0, 40), elements=st.integers(0, 9)))
 def test_round_trip_property_labels(labels):
-    back = data.parse_idx(data.encode_idx(labels), "labels", data.LABELS_MAGIC)
+    back = idx.parse_idx(idx.encode_idx(labels), "labels", idx.LABELS_MAGIC)
     np.testing.assert_array_equal(back, labels)
     assert back.shape == labels.shape
 
 
 def test_written_files_are_readable_by_others_as_umask_allows(tmp_path):
     """mkstemp creates 0600 files; atomic writes give the mode open() would."""
-    data.write_idx(tmp_path / "labels.gz", np.zeros(3, dtype=np.uint8))
+    idx.write_idx(tmp_path / "labels.gz", np.zeros(3, dtype=np.uint8))
     umask = os.umask(0o022)
     os.umask(umask)
     assert (tmp_path / "labels.gz").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -121,17 +121,17 @@ def bad_magic(d: Path) -> str:
 
 
 def images_in_labels_file(d: Path) -> str:
-    data.write_idx(d / "train-labels-idx1-ubyte.gz", synthetic_digits(512, 0)[0])
+    idx.write_idx(d / "train-labels-idx1-ubyte.gz", synthetic_digits(512, 0)[0])
     return "bad magic number 2051 (expected 2049)"
 
 
 def wrong_ndim(d: Path) -> str:
-    data.write_idx(d / "t10k-images-idx3-ubyte.gz", synthetic_digits(128, 1)[0].reshape(128, 784))
+    idx.write_idx(d / "t10k-images-idx3-ubyte.gz", synthetic_digits(128, 1)[0].reshape(128, 784))
     return "bad magic number 2050 (expected 2051): 2 dimensions, expected 3"
 
 
 def zero_sized_images(d: Path) -> str:
-    data.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((128, 0, 28), dtype=np.uint8))
+    idx.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((128, 0, 28), dtype=np.uint8))
     return "bad dimensions [128, 0, 28]"
 
 
@@ -162,12 +162,12 @@ def trailing_bytes(d: Path) -> str:
 def label_out_of_range(d: Path) -> str:
     labels = synthetic_digits(512, 0)[1].copy()
     labels[7] = 10
-    data.write_idx(d / "train-labels-idx1-ubyte.gz", labels)
+    idx.write_idx(d / "train-labels-idx1-ubyte.gz", labels)
     return "label 10 at index 7 is out of range 0-9"
 
 
 def count_mismatch(d: Path) -> str:
-    data.write_idx(d / "t10k-labels-idx1-ubyte.gz", synthetic_digits(100, 1)[1])
+    idx.write_idx(d / "t10k-labels-idx1-ubyte.gz", synthetic_digits(100, 1)[1])
     return "100 labels but t10k-images-idx3-ubyte.gz has 128 images"
 
 
@@ -209,11 +209,11 @@ def test_corrupt_file_is_a_one_line_error(tmp_path, case):
 
 def test_file_read_errors(tmp_path):
     with pytest.raises(DataError) as exc:
-        data.read_images(tmp_path / "train-images-idx3-ubyte.gz")
+        idx.read_images(tmp_path / "train-images-idx3-ubyte.gz")
     assert_one_line_error(exc, "train-images-idx3-ubyte.gz", "file not found")
     (tmp_path / "train-labels-idx1-ubyte.gz").mkdir()
     with pytest.raises(DataError) as exc:
-        data.read_labels(tmp_path / "train-labels-idx1-ubyte.gz")
+        idx.read_labels(tmp_path / "train-labels-idx1-ubyte.gz")
     assert_one_line_error(exc, "train-labels-idx1-ubyte.gz", "is a directory")
 
 
@@ -247,7 +247,7 @@ def gzip_bomb(claimed_images: int = 10, zeros: int = 200 << 20) -> bytes:
     """A valid IDX header claiming `claimed_images` 28x28 images, then `zeros` zero bytes, gzipped a megabyte at a
     time (never 200 MB in memory): about 200 kB that expand to 200 MB."""
     packer = zlib.compressobj(6, zlib.DEFLATED, 31)
-    parts = [packer.compress(struct.pack(">IIII", data.IMAGES_MAGIC, claimed_images, 28, 28))]
+    parts = [packer.compress(struct.pack(">IIII", idx.IMAGES_MAGIC, claimed_images, 28, 28))]
     block = bytes(1 << 20)
     parts.extend(packer.compress(block) for _ in range(zeros >> 20))
     parts.append(packer.flush())
@@ -280,9 +280,9 @@ def test_gzip_bomb_is_refused_after_the_size_its_header_gives(tmp_path):
 
 
 def test_gzip_with_a_few_trailing_bytes_is_still_reported_exactly():
-    raw = data.encode_idx(np.zeros((2, 28, 28), np.uint8)) + b"\x00" * 3
+    raw = idx.encode_idx(np.zeros((2, 28, 28), np.uint8)) + b"\x00" * 3
     with pytest.raises(DataError, match=f"trailing bytes: {16 + 2 * 784} bytes expected, {19 + 2 * 784} found"):
-        data.parse_idx(idx.gunzip(gzip.compress(raw), "x.gz"), "x.gz")
+        idx.parse_idx(idx.gunzip(gzip.compress(raw), "x.gz"), "x.gz")
 
 
 def test_gzip_bomb_behind_an_absurd_header_stops_at_the_ceiling(tmp_path, monkeypatch):
@@ -296,7 +296,7 @@ def test_gzip_bomb_behind_an_absurd_header_stops_at_the_ceiling(tmp_path, monkey
 
 
 def test_truncated_gzip_stream_is_corrupt_gzip():
-    packed = gzip.compress(data.encode_idx(np.arange(5 * 784, dtype=np.uint32).astype(np.uint8).reshape(5, 28, 28)))
+    packed = gzip.compress(idx.encode_idx(np.arange(5 * 784, dtype=np.uint32).astype(np.uint8).reshape(5, 28, 28)))
     with pytest.raises(DataError, match="^x.gz: corrupt gzip data"):
         idx.gunzip(packed[:-20], "x.gz")
 
@@ -307,7 +307,7 @@ def test_images_of_a_size_the_models_cannot_take_are_refused(tmp_path, shape):
     d = write_dataset(tmp_path / "odd")
     for stem, n in (("train-images-idx3-ubyte", 512), ("t10k-images-idx3-ubyte", 128)):
         images = np.zeros((n, *shape), dtype=np.uint8)
-        data.write_idx(d / f"{stem}.gz", images)
+        idx.write_idx(d / f"{stem}.gz", images)
     with pytest.raises(DataError) as exc:
         data.load(d, download=False)
     assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels; "
@@ -316,7 +316,7 @@ def test_images_of_a_size_the_models_cannot_take_are_refused(tmp_path, shape):
 
 def test_only_the_test_images_of_the_wrong_size(tmp_path):
     d = write_dataset(tmp_path / "odd")
-    data.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((128, 1, 784), dtype=np.uint8))
+    idx.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((128, 1, 784), dtype=np.uint8))
     with pytest.raises(DataError) as exc:
         data.load(d, download=False)
     assert_one_line_error(exc, "t10k-images-idx3-ubyte.gz", "images are 1x784 pixels")
@@ -375,17 +375,17 @@ def test_lookup_order_flag_then_env_then_cache(three_places, monkeypatch, tmp_pa
 
 
 def test_candidate_dirs_order(three_places):
-    dirs = data.candidate_dirs(three_places["flag"], data.get_spec("mnist"))
+    dirs = datafiles.candidate_dirs(three_places["flag"], datafiles.get_spec("mnist"))
     assert dirs == [three_places["flag"], three_places["env"], three_places["cache"]]
 
 
 def test_cache_dir_honours_xdg_and_defaults_to_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert data.cache_dir() == tmp_path / "x" / "digitlab" / "mnist"
+    assert datafiles.cache_dir() == tmp_path / "x" / "digitlab" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.cache_dir() == tmp_path / "home" / ".cache" / "digitlab" / "mnist"
-    assert data.cache_dir("fashion-mnist").name == "fashion-mnist"
+    assert datafiles.cache_dir() == tmp_path / "home" / ".cache" / "digitlab" / "mnist"
+    assert datafiles.cache_dir("fashion-mnist").name == "fashion-mnist"
 
 
 def test_torchvision_layout_with_raw_files(tmp_path, monkeypatch):
@@ -395,7 +395,7 @@ def test_torchvision_layout_with_raw_files(tmp_path, monkeypatch):
     train_x, train_y = synthetic_digits(64, 5)
     test_x, test_y = synthetic_digits(32, 6)
     for stem, array in zip(STEMS, (train_x, train_y, test_x, test_y)):
-        data.write_idx(raw / stem, array)  # no .gz: raw IDX, as torchvision leaves them
+        idx.write_idx(raw / stem, array)  # no .gz: raw IDX, as torchvision leaves them
     mnist = data.load(tmp_path / "tv", download=False)
     assert mnist.files["train_images"] == str(raw / "train-images-idx3-ubyte")
     torch.testing.assert_close(mnist.train_images, torch.from_numpy(train_x))
@@ -411,8 +411,8 @@ def test_a_dir_holding_another_dataset_is_skipped(tmp_path, monkeypatch):
     """Every MNIST-format dataset has the same file names: the labels' MD5 tells them apart."""
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     other = write_dataset(tmp_path / "other")
-    labels_md5 = data.md5_of(other / "train-labels-idx1-ubyte.gz")
-    monkeypatch.setitem(data.DATASETS, "other", data.DatasetSpec(
+    labels_md5 = datafiles.md5_of(other / "train-labels-idx1-ubyte.gz")
+    monkeypatch.setitem(datafiles.DATASETS, "other", datafiles.DatasetSpec(
         name="other", title="Other", class_names=tuple("0123456789"),
         md5={"train-labels-idx1-ubyte": labels_md5}))
     with pytest.raises(DataError) as exc:
@@ -461,8 +461,8 @@ def mirror(tmp_path) -> Iterator[tuple[str, dict[str, str]]]:
         yield url, md5
 
 
-def synthetic_spec(mirrors: tuple[str, ...], md5: dict[str, str]) -> data.DatasetSpec:
-    return data.DatasetSpec(name="synthetic", title="Synthetic", class_names=tuple(str(d) for d in range(10)),
+def synthetic_spec(mirrors: tuple[str, ...], md5: dict[str, str]) -> datafiles.DatasetSpec:
+    return datafiles.DatasetSpec(name="synthetic", title="Synthetic", class_names=tuple(str(d) for d in range(10)),
                             md5=md5, mirrors=mirrors)
 
 
@@ -482,9 +482,9 @@ def test_download_writes_verified_files(mirror, tmp_path):
     url, md5 = mirror
     spec = synthetic_spec((url,), md5)
     target = tmp_path / "target"
-    data.download_dataset(spec, target, retries=1, show_progress=False)
+    datafiles.download_dataset(spec, target, retries=1, show_progress=False)
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{stem}.gz" for stem in STEMS)
-    assert len(data.verify(target, spec)) == 4
+    assert len(datafiles.verify(target, spec)) == 4
     assert len(data.load(target, spec, download=False).train_labels) == 64
 
 
@@ -492,9 +492,9 @@ def test_locate_downloads_when_missing(mirror, tmp_path, monkeypatch):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     url, md5 = mirror
     spec = synthetic_spec((url,), md5)
-    found = data.locate(None, spec)  # with the progress bar; into the (isolated) user cache
-    assert Path(found["train_images"]).parent == data.cache_dir("synthetic")
-    assert len(data.verify(data.cache_dir("synthetic"), spec)) == 4
+    found = datafiles.locate(None, spec)  # with the progress bar; into the (isolated) user cache
+    assert Path(found["train_images"]).parent == datafiles.cache_dir("synthetic")
+    assert len(datafiles.verify(datafiles.cache_dir("synthetic"), spec)) == 4
 
 
 def test_download_md5_mismatch_leaves_no_file(mirror, tmp_path, no_backoff):
@@ -502,7 +502,7 @@ def test_download_md5_mismatch_leaves_no_file(mirror, tmp_path, no_backoff):
     spec = synthetic_spec((url,), {**md5, "train-images-idx3-ubyte": "0" * 32})
     target = tmp_path / "target"
     with pytest.raises(DataError) as exc:
-        data.download_dataset(spec, target, retries=2, show_progress=False)
+        datafiles.download_dataset(spec, target, retries=2, show_progress=False)
     assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"MD5 mismatch: {md5['train-images-idx3-ubyte']} "
                           f"found, {'0' * 32} expected")
     assert not target.exists() or list(target.iterdir()) == []
@@ -511,17 +511,17 @@ def test_download_md5_mismatch_leaves_no_file(mirror, tmp_path, no_backoff):
 def test_download_falls_back_to_the_next_mirror(mirror, tmp_path, no_backoff):
     url, md5 = mirror
     spec = synthetic_spec((url + "no-such-dir/", url), md5)  # the first mirror answers 404
-    data.download_dataset(spec, tmp_path / "target", retries=1, show_progress=False)
-    assert len(data.verify(tmp_path / "target", spec)) == 4
+    datafiles.download_dataset(spec, tmp_path / "target", retries=1, show_progress=False)
+    assert len(datafiles.verify(tmp_path / "target", spec)) == 4
 
 
 def test_download_skips_files_already_verified(mirror, tmp_path, no_backoff):
     url, md5 = mirror
     target = tmp_path / "target"
-    data.download_dataset(synthetic_spec((url,), md5), target, retries=1, show_progress=False)
+    datafiles.download_dataset(synthetic_spec((url,), md5), target, retries=1, show_progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
     # With the mirror gone, a second download must not need it.
-    data.download_dataset(synthetic_spec((closed_port_url(),), md5), target, retries=1, show_progress=False)
+    datafiles.download_dataset(synthetic_spec((closed_port_url(),), md5), target, retries=1, show_progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
 
 
@@ -529,10 +529,10 @@ def test_offline_message_says_where_it_looked_and_what_to_do(tmp_path, monkeypat
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     spec = synthetic_spec((closed_port_url(),), {stem: "0" * 32 for stem in STEMS})
     with pytest.raises(DataError) as exc:
-        data.locate(tmp_path / "nothing-here", spec)
+        datafiles.locate(tmp_path / "nothing-here", spec)
     message = str(exc.value)
     assert message.startswith(f"Synthetic not found: looked in {tmp_path / 'nothing-here'}, ")
-    assert str(data.cache_dir("synthetic")) in message
+    assert str(datafiles.cache_dir("synthetic")) in message
     assert "download failed (" in message and "offline?" in message
     assert "put the four files (train-images-idx3-ubyte.gz, " in message and "--data DIR" in message
     assert "\n" not in message
@@ -542,38 +542,38 @@ def test_offline_message_says_where_it_looked_and_what_to_do(tmp_path, monkeypat
 def test_no_download_when_told_not_to(tmp_path, monkeypatch):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     with pytest.raises(DataError, match="^MNIST not found: looked in .*; put the four files"):
-        data.locate(tmp_path / "nothing-here", "mnist", download=False)
+        datafiles.locate(tmp_path / "nothing-here", "mnist", download=False)
 
 
 def test_verify_ok_and_one_byte_changed(tiny_mnist_dir, tmp_path):
-    md5 = {stem: data.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS}
+    md5 = {stem: datafiles.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS}
     spec = synthetic_spec((), md5)
-    assert sorted(Path(p).name for p in data.verify(tiny_mnist_dir, spec)) == sorted(f"{s}.gz" for s in STEMS)
+    assert sorted(Path(p).name for p in datafiles.verify(tiny_mnist_dir, spec)) == sorted(f"{s}.gz" for s in STEMS)
     copy = Path(shutil.copytree(tiny_mnist_dir, tmp_path / "copy"))
     target = copy / "t10k-labels-idx1-ubyte.gz"
     content = bytearray(raw_idx(target))
     content[20] ^= 1  # one byte of one label
     put_raw(target, bytes(content))
     with pytest.raises(DataError) as exc:
-        data.verify(copy, spec)
+        datafiles.verify(copy, spec)
     assert_one_line_error(exc, str(target), f"MD5 mismatch: {hashlib.md5(content).hexdigest()} found, "
                           f"{md5['t10k-labels-idx1-ubyte']} expected")
 
 
 def test_verify_gzip_byte_changed_and_missing_file(tiny_mnist_dir, tmp_path):
-    spec = synthetic_spec((), {stem: data.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS})
+    spec = synthetic_spec((), {stem: datafiles.md5_of(tiny_mnist_dir / f"{stem}.gz") for stem in STEMS})
     copy = Path(shutil.copytree(tiny_mnist_dir, tmp_path / "copy"))
     target = copy / "train-images-idx3-ubyte.gz"
     blob = bytearray(target.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # a byte of the compressed stream: the gzip CRC or the MD5 catches it
     target.write_bytes(bytes(blob))
     with pytest.raises(DataError) as exc:
-        data.verify(copy, spec)
+        datafiles.verify(copy, spec)
     assert "train-images-idx3-ubyte.gz: " in str(exc.value)
     assert "corrupt gzip data" in str(exc.value) or "MD5 mismatch" in str(exc.value)
     target.unlink()
     with pytest.raises(DataError) as exc:
-        data.verify(copy, spec)
+        datafiles.verify(copy, spec)
     assert_one_line_error(exc, str(target), "file not found")
 
 
@@ -600,7 +600,7 @@ def test_loaded_tensors(tiny_mnist_dir):
     assert mnist.train_images.shape == (512, 28, 28) and mnist.train_images.dtype == torch.uint8
     assert mnist.train_labels.dtype == torch.int64 and mnist.test_images.shape == (128, 28, 28)
     assert data.class_counts(mnist.train_labels) == np.bincount(synthetic_digits(512, 0)[1], minlength=10).tolist()
-    assert mnist.md5["train-labels-idx1-ubyte.gz"] == data.md5_of(tiny_mnist_dir / "train-labels-idx1-ubyte.gz")
+    assert mnist.md5["train-labels-idx1-ubyte.gz"] == datafiles.md5_of(tiny_mnist_dir / "train-labels-idx1-ubyte.gz")
 
 
 def test_pixel_stats_match_a_direct_computation(tiny_mnist_dir):
@@ -649,7 +649,7 @@ def test_seeded_shuffle_reproducible_and_differs_per_epoch():
 def test_normalisation():
     plain = next(iter(make_loader(shuffle=False, normalize=False)))[0]
     normed = next(iter(make_loader(shuffle=False)))[0]
-    torch.testing.assert_close(normed, (plain - data.MNIST_MEAN) / data.MNIST_STD)
+    torch.testing.assert_close(normed, (plain - datafiles.MNIST_MEAN) / datafiles.MNIST_STD)
     custom = next(iter(make_loader(shuffle=False, mean=0.5, std=0.25)))[0]
     torch.testing.assert_close(custom, (plain - 0.5) / 0.25)
 
@@ -706,7 +706,7 @@ def test_real_mnist_sizes_counts_and_statistics(mnist):
 
 @pytest.mark.realdata
 def test_real_mnist_verifies(mnist_dir):
-    assert sorted(data.verify(mnist_dir).values()) == sorted(data.DATASETS["mnist"].md5.values())
+    assert sorted(datafiles.verify(mnist_dir).values()) == sorted(datafiles.DATASETS["mnist"].md5.values())
 
 
 @pytest.mark.realdata
@@ -721,8 +721,8 @@ def test_real_mnist_dataset_semantics(mnist):
 
 @pytest.mark.realdata
 def test_real_mnist_loads_from_scratch(mnist_dir):
-    files = data.locate(mnist_dir, download=False)
-    fresh = data.load_files(files, data.get_spec("mnist"))  # bypasses the in-memory cache
+    files = datafiles.locate(mnist_dir, download=False)
+    fresh = data.load_files(files, datafiles.get_spec("mnist"))  # bypasses the in-memory cache
     assert len(fresh.train_labels) + len(fresh.test_labels) == 70000
 
 
@@ -738,7 +738,7 @@ def test_fashion_mnist_from_the_debian_package():
     assert data.class_counts(fashion.train_labels) == [6000] * 10
     assert data.class_counts(fashion.test_labels) == [1000] * 10
     assert fashion.class_names[9] == "Ankle boot"
-    assert len(data.verify(FASHION_DIR, "fashion-mnist")) == 4
+    assert len(datafiles.verify(FASHION_DIR, "fashion-mnist")) == 4
 
 
 @pytest.mark.realdata
@@ -747,5 +747,5 @@ def test_fashion_mnist_is_not_taken_from_an_mnist_dir(mnist_dir, monkeypatch):
     if not (FASHION_DIR / "train-labels-idx1-ubyte.gz").is_file():
         pytest.skip(f"{FASHION_DIR} missing")
     monkeypatch.setenv("DIGITLAB_DATA", str(mnist_dir))
-    found = data.locate(mnist_dir, "fashion-mnist", download=False)
+    found = datafiles.locate(mnist_dir, "fashion-mnist", download=False)
     assert Path(found["train_labels"]).parent == FASHION_DIR

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from digitlab import data, datafiles
+from digitlab import data, datafiles, idx
 
 from .conftest import write_dataset
 
@@ -52,7 +52,7 @@ def test_a_corrupt_file_found_by_prefetch_is_reported_by_load(tmp_path):
     datafiles.prefetch(directory)
     try:
         data.load(directory)
-    except data.DataError as exc:
+    except idx.DataError as exc:
         assert "t10k-labels-idx1-ubyte.gz" in str(exc)
     else:
         raise AssertionError("a corrupt file loaded")

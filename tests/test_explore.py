@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from digitlab import data
+from digitlab import data, datafiles
 from digitlab.explore import ExploreError, ascii_digit, explore, tour
 
 from .conftest import synthetic_digits
@@ -59,7 +59,7 @@ def test_explore_prints_sizes_item_counts_and_stats(tiny_mnist_dir):
 
 def test_explore_names_classes_of_named_datasets(tiny_mnist_dir):
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    spec = data.DatasetSpec(name="named", title="Named digits", class_names=names, md5={})
+    spec = datafiles.DatasetSpec(name="named", title="Named digits", class_names=names, md5={})
     summary, text = run_explore(tiny_mnist_dir, dataset=spec, index=0)
     assert text.startswith("Named digits from ")
     assert f"({names[summary.label]})" in text

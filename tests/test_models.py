@@ -101,10 +101,20 @@ def test_config_override_and_round_trip():
     assert count_parameters(model) == (784 * 64 + 64) + (64 * 64 + 64) + (64 * 10 + 10)
     cnn = build_model("cnn", {"channels": [4, 8, 12]})  # as it comes back from JSON
     assert cnn.config.channels == (4, 8, 12)
-    assert model_config(cnn) == {"channels": [4, 8, 12], "num_classes": 10}
+    assert model_config(cnn) == {"channels": [4, 8, 12], "num_classes": 10, "convs_per_stage": 1}
     rebuilt = build_model("cnn", model_config(cnn))
     assert rebuilt.config == cnn.config
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_two_convs_per_stage_make_a_deeper_cnn_with_the_same_shapes():
+    """The `best` recipe's CNN: two 3x3 convs at each resolution, the second of each pair pooling."""
+    deep = build_model("cnn", {"channels": [8, 16, 32], "convs_per_stage": 2})
+    convs = [m for m in deep.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32]
+    maps = deep.hidden_activations(torch.randn(2, 1, 28, 28))
+    assert [tuple(maps[k].shape[1:]) for k in ("conv1", "conv2", "conv3")] == [(8, 14, 14), (16, 7, 7), (32, 7, 7)]
+    assert deep(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_unknown_config_field():

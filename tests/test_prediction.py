@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from digitlab import data
-from digitlab.data import MNIST_MEAN, MNIST_STD
+from digitlab import data, datafiles, idx
+from digitlab.datafiles import MNIST_MEAN, MNIST_STD
 from digitlab.prediction import InputItem, Prediction, PredictError, Predictor, expand_inputs
 
 from .conftest import save_random_checkpoint, synthetic_digits
@@ -104,7 +104,7 @@ def test_a_custom_backend_only_supplies_run_logits(predictor):
 def test_idx_file_predictions_are_exactly_the_models(tmp_path, predictor):
     images, _ = synthetic_digits(300, seed=5)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"):
-        data.write_idx(tmp_path / name, images)
+        idx.write_idx(tmp_path / name, images)
         result = predictor.predict(str(tmp_path / name))
         assert [p.path for p in result[:2]] == [f"{tmp_path / name}#0", f"{tmp_path / name}#1"]
         expected = reference_probabilities(predictor.model, images)
@@ -113,7 +113,7 @@ def test_idx_file_predictions_are_exactly_the_models(tmp_path, predictor):
 
 
 def test_idx_labels_file_and_broken_idx_are_per_item_errors(tmp_path, predictor):
-    data.write_idx(tmp_path / "labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
+    idx.write_idx(tmp_path / "labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
     (tmp_path / "broken-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")
     (tmp_path / "bad-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip at all" * 4)
     result = predictor.predict([str(tmp_path / "labels-idx1-ubyte.gz"), str(tmp_path / "broken-idx3-ubyte"),
@@ -289,11 +289,11 @@ def test_predict_on_the_test_idx_file_is_the_models_test_accuracy(trained_cnn, m
     from digitlab.evaluation import predict_logits
 
     predictor = Predictor.from_checkpoint(trained_cnn, device="cpu")
-    idx = data.find_files(mnist_dir)["test_images"]
-    labels = data.read_labels(data.find_files(mnist_dir)["test_labels"])
-    result = predictor.predict(str(idx))
+    test_images = datafiles.find_files(mnist_dir)["test_images"]
+    labels = idx.read_labels(datafiles.find_files(mnist_dir)["test_labels"])
+    result = predictor.predict(str(test_images))
     assert len(result) == 10_000 and all(p.error is None for p in result)
-    images = torch.from_numpy(np.array(data.read_images(idx)))
+    images = torch.from_numpy(np.array(idx.read_images(test_images)))
     expected = predict_logits(predictor.model, images, predictor.info.mean, predictor.info.std,
                               torch.device("cpu")).argmax(1).numpy()
     digits = np.array([p.digit for p in result])
@@ -304,12 +304,12 @@ def test_predict_on_the_test_idx_file_is_the_models_test_accuracy(trained_cnn, m
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_userlike_photos_are_read_within_1_5_points_of_clean_mnist(trained_cnn, mnist_dir):
-    from digitlab.userlike import make_userlike
+    from benchmarks.userlike import make_userlike
 
     predictor = Predictor.from_checkpoint(trained_cnn, device="cpu")
-    files = data.find_files(mnist_dir)
-    images = np.array(data.read_images(files["test_images"])[:USERLIKE_COUNT])
-    labels = data.read_labels(files["test_labels"])[:USERLIKE_COUNT]
+    files = datafiles.find_files(mnist_dir)
+    images = np.array(idx.read_images(files["test_images"])[:USERLIKE_COUNT])
+    labels = idx.read_labels(files["test_labels"])[:USERLIKE_COUNT]
     clean = predictor.predict_arrays(images).argmax(1)
     photos = [render.data for render in make_userlike(images, seed=0, workers=2)]
     result = predictor.predict(photos)
@@ -321,7 +321,7 @@ def test_userlike_photos_are_read_within_1_5_points_of_clean_mnist(trained_cnn, 
 
 
 def test_userlike_renders_are_seeded_per_image():
-    from digitlab.userlike import make_userlike
+    from benchmarks.userlike import make_userlike
 
     images, _ = synthetic_digits(6, seed=8)
     all_six = [r.data for r in make_userlike(images, seed=3)]

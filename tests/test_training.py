@@ -118,6 +118,12 @@ def test_same_seed_same_weights(tiny_mnist_dir, tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"epochs": 0}, "--epochs 0: must be >= 1"),
+    ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
+    ({"model": "resnet"}, "--model 'resnet'"),
+    ({"target_accuracy": 99.0}, "--target-accuracy 99.0"),
+])
 def test_bad_config_values_are_rejected(override, message, tmp_path):
     with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         replace(TrainConfig(), **override).resolved()

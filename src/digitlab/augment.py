@@ -33,18 +33,18 @@ class AugmentConfig:
     """How often and how strongly each transform is applied (probabilities are per image)."""
 
     style_strokes: float = 0.3  # share of 1s and 7s given a flag/base or a crossbar
-    thicker: float = 0.3
-    thinner: float = 0.2
-    degrees: float = 12.0
-    shear: float = 0.3  # horizontal shear (slant), as a fraction of the height
+    thicker: float = 0.25
+    thinner: float = 0.15
+    degrees: float = 10.0
+    shear: float = 0.25  # horizontal shear (slant), as a fraction of the height
     scale: float = 0.1
     shift_px: float = 2.0
-    stretch: float = 0.4  # share of images widened towards a square (as scans that fill the box do)
+    stretch: float = 0.3  # share of images widened towards a square (as scans that fill the box do)
     elastic: float = 0.5
-    elastic_px: float = 1.0  # typical displacement of the elastic field, in pixels
-    low_resolution: float = 0.15
-    binarise: float = 0.15
-    cut_edge: float = 0.1
+    elastic_px: float = 0.8  # typical displacement of the elastic field, in pixels
+    low_resolution: float = 0.1
+    binarise: float = 0.1
+    cut_edge: float = 0.05
 
 
 DEFAULT = AugmentConfig()
@@ -232,7 +232,7 @@ def low_resolution(pixels: torch.Tensor, generator: torch.Generator, probability
     """Some images as if scanned at 8 to 16 px across the digit, often binarised, then enlarged: blocky
     shapes and lost detail, as in old form scans."""
     b, device = len(pixels), pixels.device
-    size = int(torch.randint(11, 23, (1,), generator=generator))  # 28 * (8..16) / 20: the digit 8..16 px tall
+    size = int(torch.randint(13, 23, (1,), generator=generator))  # 28 * (9..16) / 20: the digit 9..16 px tall
     binary = (torch.rand(b, generator=generator) < 0.7).to(device).view(b, 1, 1, 1)
     chosen = (torch.rand(b, generator=generator) < probability).to(device)
 

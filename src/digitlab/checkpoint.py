@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import MISSING, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,8 +33,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import __version__
-from .errors import DigitlabError
-from .idx import _NEW_FILE_MODE
+from .errors import DigitlabError, first_line, message_lines
+from .fileio import temp_pattern, write_temp
 from .models import MODELS, build_model, model_config, model_name
 
 FORMAT = "digitlab-checkpoint"
@@ -137,23 +136,7 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _temp_pattern(path: Path) -> str:
-    return f".{path.name}.*.tmp"  # what _write_temp (and idx.atomic_write_bytes) name their temp files
-
-
-def _write_temp(path: Path, payload: bytes) -> Path:
-    """`payload` in a new, fsynced temp file beside `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _NEW_FILE_MODE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+_write_temp = write_temp  # `payload` in a new, fsynced temp file beside `path` (a name tests can replace)
 
 
 def _rename(tmp: Path, path: Path) -> None:
@@ -179,7 +162,7 @@ def remove_stale_temp_files(*targets: Path) -> list[Path]:
     """Delete the temp files that a killed write of any of `targets` left beside it; returns them."""
     removed = []
     for target in targets:
-        for tmp in Path(target).parent.glob(_temp_pattern(Path(target))):
+        for tmp in Path(target).parent.glob(temp_pattern(Path(target))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -330,12 +313,6 @@ def _read_verified(path: Path, expected: str, sidecar: Path, what: str) -> bytes
     return payload
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    """The first non-empty line of an exception's message, or its class name (never raises)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:limit] if lines else exc.__class__.__name__
-
-
 def load(path: str | Path, expect_model: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
     """Build the model a checkpoint describes and load its weights; validates everything on the way."""
     weights = resolve(path)
@@ -347,17 +324,17 @@ def load(path: str | Path, expect_model: str | None = None, device: str | torch.
     try:
         tensors = safetensors_load(payload)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: truncated or corrupt weights ({_first_line(exc, 120)})") from None
+        raise CheckpointError(f"{weights}: truncated or corrupt weights ({first_line(exc, 120)})") from None
     try:
         model = build_model(info.model, info.model_config)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{sidecar}: {_first_line(exc)}") from None
+        raise CheckpointError(f"{sidecar}: {first_line(exc, 160)}") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or ["shape or key mismatch"]
+        detail = (message_lines(exc)[1:2] or ["shape or key mismatch"])[0]  # line 1 names the model class only
         raise CheckpointError(f"{weights}: weights do not fit a {info.model!r} model (as {sidecar.name} "
-                              f"describes it): {first[0][:160]}") from None
+                              f"describes it): {detail[:160]}") from None
     return model.to(device).eval(), info
 
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from .errors import DigitlabError
+from .extras import require
 
 app = typer.Typer(
     add_completion=False,
@@ -44,12 +45,12 @@ def data_verify(
     dataset: str = DatasetOpt,
 ) -> None:
     """Check the MD5 of the four decompressed files."""
-    from . import data
+    from . import datafiles
 
-    spec = data.get_spec(dataset)
+    spec = datafiles.get_spec(dataset)
     if directory is None:
-        directory = Path(data.locate(None, spec, download=False)["train_images"]).parent
-    for path, md5 in data.verify(directory, spec).items():
+        directory = Path(datafiles.locate(None, spec, download=False)["train_images"]).parent
+    for path, md5 in datafiles.verify(directory, spec).items():
         typer.echo(f"ok  {md5}  {path}")
     typer.echo(f"{spec.title} in {directory}: all four files verified")
 
@@ -57,22 +58,22 @@ def data_verify(
 @data_app.command("download")
 def data_download(directory: Optional[Path] = typer.Argument(None), dataset: str = DatasetOpt) -> None:
     """Download the four files (verified by MD5) into DIR, by default the user cache."""
-    from . import data
+    from . import datafiles
 
-    spec = data.get_spec(dataset)
-    target = directory or data.cache_dir(spec.name)
-    data.download_dataset(spec, target)
+    spec = datafiles.get_spec(dataset)
+    target = directory or datafiles.cache_dir(spec.name)
+    datafiles.download_dataset(spec, target)
     typer.echo(f"{spec.title} ready in {target}")
 
 
 @data_app.command("where")
 def data_where(data_dir: Optional[Path] = DataOpt, dataset: str = DatasetOpt) -> None:
     """Print where digitlab looks for the data, in order, and where it finds it."""
-    from . import data
+    from . import datafiles
 
-    spec = data.get_spec(dataset)
-    for directory in data.candidate_dirs(data_dir, spec):
-        found = "found" if data.find_files(directory) else "-"
+    spec = datafiles.get_spec(dataset)
+    for directory in datafiles.candidate_dirs(data_dir, spec):
+        found = "found" if datafiles.find_files(directory) else "-"
         typer.echo(f"{found:6} {directory}")
 
 
@@ -136,10 +137,12 @@ def train(
     dataset: str = DatasetOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Run dir (default runs/<timestamp>-<model>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this dir (with its own "
-                                          "settings: only --device, --data, --quiet and, without a schedule, "
-                                          "--epochs may be given)."),
+                                          "settings: only --device, --data, --quiet, --tensorboard and, without a "
+                                          "schedule, --epochs may be given)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (else an error)."),
     target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Stop once val accuracy >= P."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each epoch's metrics as "
+                                               "TensorBoard scalars into this dir (the tensorboard extra)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model; writes config, metrics, curves and checkpoints to a run dir."""
@@ -176,7 +179,8 @@ def train(
         weight_decay=weight_decay, augment=augment, label_smoothing=label_smoothing, val_size=val_size,
         seed=seed, device=device, precision=precision, data=str(data_dir) if data_dir else None,
         dataset=dataset, out=str(out) if out else None, resume=str(resume) if resume else None,
-        overwrite=overwrite, quiet=quiet, target_accuracy=target_accuracy)
+        overwrite=overwrite, quiet=quiet, target_accuracy=target_accuracy,
+        tensorboard=str(tensorboard) if tensorboard else None)
     try:
         result = run_train(config)
     except TrainingInterrupted as exc:
@@ -217,7 +221,8 @@ def evaluate(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
+                                          "Give it several times for one ensemble graph (ONNX only)."),
     format: str = typer.Option("onnx", "--format", help="onnx (for onnxruntime) or torchscript."),
     out: Path = typer.Option(..., "--out", help="The file to write, e.g. model.onnx."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantisation."),
@@ -237,16 +242,20 @@ def export(
         fail(f"--quantize {quantize!r}: unknown (choose {', '.join(exp.QUANTIZATIONS)})", 2)
     if quantize is not None and format != "onnx":
         fail("--quantize works with --format onnx only", 2)
+    if format == "onnx":  # a missing extra fails before any work
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            require("onnx", module)
     exp.check_output(out, force)  # before the checkpoint, the data and the export (seconds of work)
     from .checkpoint import read_info
-    from .data import get_spec
+    from .datafiles import get_spec
 
-    info = read_info(checkpoint)  # fails early, naming the file, before the data is read
+    info = [read_info(c) for c in checkpoint][0]  # fails early, naming the file, before the data is read
     verify = exp.mnist_verify_set(data_dir, info.dataset)
     if verify is None:
         typer.echo(f"note: {get_spec(info.dataset).title} test set not found (pass --data DIR); checking on "
                    "seeded random images instead, without accuracy", err=True)
-    report = exp.export(checkpoint, out, format=format, quantize=quantize, verify_images=verify,
+    report = exp.export(checkpoint if len(checkpoint) > 1 else checkpoint[0], out, format=format,
+                        quantize=quantize, verify_images=verify,
                         opset=opset or exp.DEFAULT_OPSET, force=force)
     if as_json:
         typer.echo(json.dumps(report.to_json()))
@@ -283,7 +292,7 @@ def serve(
     from .threads import configure as configure_threads
 
     configure_threads("serve")  # before torch is imported: libgomp reads its settings once, when loaded
-    from .serving import serve as run_serve
+    run_serve = require("serve", "digitlab.serving").serve
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         fail(f"--log-level {log_level!r}: unknown (choose critical, error, warning, info or debug)", 2)

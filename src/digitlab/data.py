@@ -1,9 +1,9 @@
 """MNIST-format data as tensors: loading, the tutorial's Dataset view and a fast batch loader.
 
 The IDX format lives in `digitlab.idx` and finding, downloading and verifying the files in
-`digitlab.datafiles` (both numpy only); this module re-exports them, so `digitlab.data` is the one place to
-look. The whole of MNIST is 55 MB of uint8 pixels, so digitlab keeps it in memory as tensors and slices batches
-out of them (`BatchLoader`) instead of building every batch image by image through a DataLoader.
+`digitlab.datafiles` (both numpy only; import their names from there). The whole of MNIST is 55 MB of uint8
+pixels, so digitlab keeps it in memory as tensors and slices batches out of them (`BatchLoader`) instead of
+building every batch image by image through a DataLoader.
 """
 
 from __future__ import annotations
@@ -14,14 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-# Re-exported: digitlab.data is where users look for them.
-from .datafiles import (  # noqa: F401
-    DATASETS, MNIST_MEAN, MNIST_STD, SPLIT_FILES, DatasetSpec, cache_dir, candidate_dirs, download_dataset,
-    files_key, find_file, find_files, get_spec, locate, md5_of, prefetch, read_arrays, take_prefetched, verify)
-from .idx import (  # noqa: F401
-    IMAGES_MAGIC, LABELS_MAGIC, DataError, atomic_write_bytes, encode_idx, parse_idx, read_bytes, read_checked,
-    read_idx, read_images, read_labels, write_idx)
-
+from .datafiles import MNIST_MEAN, MNIST_STD, DatasetSpec, files_key, get_spec, locate, read_arrays, take_prefetched
+from .pixels import model_input
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading into tensors
@@ -89,7 +83,7 @@ class MnistDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index].unsqueeze(0).float().div_(255.0)  # (1, 28, 28)
+        image = model_input(self.images[index].unsqueeze(0))  # (1, 28, 28)
         return image, int(self.labels[index])
 
 
@@ -99,11 +93,8 @@ def datasets(data: MnistData) -> tuple[MnistDataset, MnistDataset]:
 
 
 def to_input(images: torch.Tensor, mean: float | None, std: float | None) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), scaled to [0, 1] and optionally normalised."""
-    x = images.unsqueeze(1).float().div_(255.0)
-    if mean is not None and std is not None:
-        x = x.sub_(mean).div_(std)
-    return x
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), scaled to [0, 1] and optionally normalised (`model_input`)."""
+    return model_input(images.unsqueeze(1), mean, std)
 
 
 class BatchLoader:
@@ -202,8 +193,6 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 __all__: Sequence[str] = [
-    "DataError", "DatasetSpec", "DATASETS", "MnistData", "MnistDataset", "BatchLoader",
-    "read_idx", "write_idx", "read_images", "read_labels", "parse_idx", "encode_idx", "atomic_write_bytes",
-    "locate", "load", "verify", "md5_of", "cache_dir", "download_dataset", "datasets", "split_train_val",
-    "class_counts", "pixel_stats", "to_input", "get_spec", "MNIST_MEAN", "MNIST_STD", "prefetch", "find_files",
+    "MnistData", "load_files", "load", "MnistDataset", "datasets", "to_input", "BatchLoader", "split_train_val",
+    "class_counts", "pixel_stats",
 ]

@@ -2,7 +2,7 @@
 them, and reading the four files into numpy arrays.
 
 numpy only, no torch: `digitlab train` starts reading the files (`prefetch`) while torch is still importing,
-which takes longer than the read itself. `digitlab.data` re-exports everything here.
+which takes longer than the read itself.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import DigitlabError
-from .idx import DataError, atomic_write_bytes, gunzip, read_bytes, read_checked
+from .fileio import atomic_write_bytes
+from .idx import DataError, gunzip, is_gzip, read_bytes, read_checked
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -300,7 +301,7 @@ def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int
                 content = gunzip(data, url)  # decompressed no further than its IDX header says
                 actual = hashlib.md5(content).hexdigest()
                 if actual == expected:
-                    return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, mtime=0)
+                    return data if is_gzip(data) else gzip.compress(data, mtime=0)
                 last_error = f"{url}: MD5 mismatch: {actual} found, {expected} expected"
             except DataError as exc:
                 last_error = str(exc)

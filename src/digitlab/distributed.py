@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import DigitlabError
+from .errors import DigitlabError, first_line
 
 
 class DistributedError(DigitlabError):
@@ -81,8 +81,7 @@ def any_flag(flag: bool, ctx: DistContext, device: torch.device) -> bool:
 
 
 def lost_peer(ctx: DistContext, exc: BaseException) -> DistributedError:
-    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return DistributedError(f"rank {ctx.rank}: lost contact with another training process ({first_line})")
+    return DistributedError(f"rank {ctx.rank}: lost contact with another training process ({first_line(exc)})")
 
 
 def weight_spread(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> float:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calibration, data
+from . import calibration, data, extras
 from . import checkpoint as ckpt
 from .devices import autocast, resolve_device
 from .errors import DigitlabError
@@ -164,7 +164,9 @@ def evaluate(
         per_class=per_class_scores(confusion, info.class_names), confusion=confusion.tolist(),
         class_names=list(info.class_names), selective=calibration.selective_accuracy(*as_numpy),
         mistakes=mistakes)
-    if plots:
+    if plots and not extras.plots_available():
+        extras.plots_skipped(["confusion.png", "mistakes.png", "reliability.png"])
+    elif plots:
         out = Path(out_dir) if out_dir else ckpt.resolve(paths[0]).parent
         out.mkdir(parents=True, exist_ok=True)
         report.files["confusion"] = str(plot_confusion(report, out / "confusion.png"))

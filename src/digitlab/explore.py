@@ -16,6 +16,7 @@ from rich.markup import escape
 from torch import nn
 
 from . import data
+from .datafiles import DatasetSpec, get_spec
 from .devices import resolve_device
 from .errors import DigitlabError
 from .figures import new_figure, save_png
@@ -89,7 +90,7 @@ def explore(
     if grid is not None and Path(grid).suffix.lower() != ".png":
         raise ExploreError(f"--grid {grid}: the grid is a PNG image; give a name ending in .png")
     out = _console(console)
-    spec = data.get_spec(dataset)
+    spec = get_spec(dataset)
     started = time.perf_counter()
     mnist = data.load(data_dir, spec)
     seconds = time.perf_counter() - started
@@ -117,7 +118,7 @@ def explore(
                           index, label, written)
 
 
-def _class_text(spec: data.DatasetSpec, label: int) -> str:
+def _class_text(spec: DatasetSpec, label: int) -> str:
     name = spec.class_names[label]
     return f"label {label}" if name == str(label) else f"label {label} ({name})"
 
@@ -129,7 +130,7 @@ def _print_sizes(out, train_size: int, test_size: int) -> None:
     out.print()
 
 
-def _print_item(out, train_set: data.MnistDataset, index: int, spec: data.DatasetSpec) -> int:
+def _print_item(out, train_set: data.MnistDataset, index: int, spec: DatasetSpec) -> int:
     """What indexing the Dataset returns, in the terms the tutorial uses."""
     item = train_set[index]
     image, label = item
@@ -145,7 +146,7 @@ def _print_item(out, train_set: data.MnistDataset, index: int, spec: data.Datase
     return label
 
 
-def _print_class_counts(out, spec: data.DatasetSpec, train_counts: list[int], test_counts: list[int]) -> None:
+def _print_class_counts(out, spec: DatasetSpec, train_counts: list[int], test_counts: list[int]) -> None:
     from rich.table import Table
 
     named = any(name != str(i) for i, name in enumerate(spec.class_names))
@@ -165,7 +166,7 @@ def _print_class_counts(out, spec: data.DatasetSpec, train_counts: list[int], te
     out.print()
 
 
-def _print_pixel_stats(out, spec: data.DatasetSpec, mean: float, std: float) -> None:
+def _print_pixel_stats(out, spec: DatasetSpec, mean: float, std: float) -> None:
     out.print("[bold]Pixel statistics[/bold] (training images, pixel / 255)")
     out.print(f"  mean {mean:.4f}  std {std:.4f}")
     out.print(f"  networks get (x - {spec.mean}) / {spec.std}: centred on 0, spread 1, which trains faster")
@@ -457,15 +458,11 @@ for images, labels in loader:       # {steps} batches of 64
 
 def accuracy(model: nn.Module, mnist: data.MnistData, dev: torch.device, chunk: int = 2000) -> float:
     """Fraction of the test images the model reads correctly (inputs in [0, 1], as in the tour)."""
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(mnist.test_labels), chunk):
-            x = data.to_input(mnist.test_images[start:start + chunk], None, None).to(dev)  # (B, 1, 28, 28)
-            y = mnist.test_labels[start:start + chunk].to(dev)
-            correct += int((model(x).argmax(1) == y).sum())
+    from .evaluation import predict_logits
+
+    logits = predict_logits(model, mnist.test_images, None, None, dev, batch_size=chunk)  # (N, 10) on the CPU
     model.train()
-    return correct / max(len(mnist.test_labels), 1)
+    return int((logits.argmax(1) == mnist.test_labels.cpu()).sum()) / max(len(mnist.test_labels), 1)
 
 
 

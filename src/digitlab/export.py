@@ -21,11 +21,13 @@ with onnxruntime and numpy and must work where importing torch is impossible or 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -36,7 +38,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
-from .errors import DigitlabError
+from .errors import DigitlabError, first_line
+from .extras import require
+from .fileio import atomic_write_bytes
+from .pixels import model_input
 
 if TYPE_CHECKING:
     import onnx
@@ -61,12 +66,6 @@ DIGEST_KEY = "graph_sha256"  # ONNX metadata: SHA-256 of the serialized GraphPro
 
 class ExportError(DigitlabError):
     """An export that cannot be done or did not pass its check, or an exported model that cannot be used."""
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message, else its class name (never raises)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:limit] if lines else exc.__class__.__name__
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,10 +161,11 @@ def mnist_verify_set(data_dir: str | Path | None, dataset: str = "mnist") -> Ver
     """The test split when found: in `data_dir` if given (an error if it is not there), else wherever
     digitlab finds it without downloading; None when it is nowhere."""
     from . import data
+    from .idx import DataError
 
     try:
         loaded = data.load(data_dir, dataset, download=False)
-    except data.DataError:
+    except DataError:
         if data_dir is not None:
             raise
         return None
@@ -187,7 +187,7 @@ def _as_verify_set(images: VerifySet | np.ndarray | Any | None) -> VerifySet:
 
 def to_pixels(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]: what an exported model takes."""
-    return (images.astype(np.float32) / np.float32(255.0))[:, None]
+    return model_input(images)[:, None]
 
 
 def compare(reference: Callable[[np.ndarray], np.ndarray], exported: Callable[[np.ndarray], np.ndarray],
@@ -245,11 +245,50 @@ def pixel_model(model: "torch.nn.Module", mean: float | None, std: float | None,
             self.temperature = float(temperature)
 
         def forward(self, pixels):
-            x = pixels if self.mean is None or self.std is None else (pixels - self.mean) / self.std
-            logits = self.model(x)  # (N, classes)
+            logits = self.model(model_input(pixels, self.mean, self.std))  # (N, classes)
             return logits if self.temperature == 1.0 else logits / self.temperature
 
     return PixelModel().eval()
+
+
+def ensemble_model(members: Sequence["torch.nn.Module"]) -> "torch.nn.Module":
+    """Several pixel models (see `pixel_model`) as one graph: the log of their mean calibrated probabilities.
+
+    softmax(log p) = p, so whoever applies softmax to the output, as to any digitlab export, gets the
+    members' averaged probabilities."""
+    import torch
+    from torch import nn
+
+    class Ensemble(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(members)
+
+        def forward(self, pixels):
+            probabilities = torch.stack([m(pixels).softmax(dim=1) for m in self.members])  # (M, N, classes)
+            return probabilities.mean(dim=0).clamp_min(1e-30).log()  # (N, classes)
+
+    return Ensemble().eval()
+
+
+def _pixel_module(checkpoints: Sequence[str | Path]) -> tuple[Path, "torch.nn.Module", Any]:
+    """The graph to export for one checkpoint or an ensemble: (first weights path, module, info). An
+    ensemble's info says so in its model name and lists its members' checkpoints."""
+    loaded = [_load_checkpoint(c) for c in checkpoints]
+    weights, model, info = loaded[0]
+    if len(loaded) == 1:
+        return weights, pixel_model(model, info.mean, info.std, info.temperature), info
+    for path, _, other in loaded[1:]:
+        if list(other.class_names) != list(info.class_names):
+            raise ExportError(f"{path}: an ensemble needs members with the same classes")
+    module = ensemble_model([pixel_model(m, i.mean, i.std, i.temperature) for _, m, i in loaded])
+    info = copy.copy(info)
+    info.model = "ensemble"
+    info.model_config = {"members": [{"checkpoint": str(w), "model": i.model, "model_config": i.model_config,
+                                      "temperature": i.temperature} for w, _, i in loaded]}
+    info.temperature = 1.0  # applied per member, inside the graph
+    info.metrics = {}
+    return weights, module, info
 
 
 def _example_input() -> "torch.Tensor":
@@ -309,8 +348,6 @@ def _metadata(weights: Path, info: Any, exporter: str, check: Check | None = Non
 
 def _write(path: Path, data: bytes, force: bool = False) -> None:
     """Atomically write the exported bytes; an unwritable place is a one-line error."""
-    from .idx import atomic_write_bytes
-
     check_output(path, force)  # again: the file may have appeared while the export ran
     try:
         atomic_write_bytes(path, data)
@@ -341,12 +378,31 @@ def check_output(path: str | Path, force: bool = False) -> None:
 _check_writable = check_output
 
 
+# The loggers of the exporters and the quantizer; below ERROR they only narrate progress.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "onnxruntime")
+# onnxruntime's quantizer calls logging.warning(...), i.e. logs on the root logger: only those records (by
+# the file they come from) are dropped there, not the rest of the process's root-logger records.
+_EXPORTER_FILES = re.compile(r"[/\\](onnxruntime|onnxscript|onnx_ir|onnx|torch[/\\](onnx|export|_dynamo))[/\\]")
+
+
+class _ExporterNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not _EXPORTER_FILES.search(record.pathname)
+
+
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Silence the exporters' progress lines and deprecation notices: the report says what happened."""
-    quantizer_log = logging.getLogger()
-    level = quantizer_log.level
-    quantizer_log.setLevel(logging.ERROR)  # onnxruntime's quantizer warns via the root logger
+    """Silence the exporters' progress lines and deprecation notices: the report says what happened.
+
+    Scoped: only the exporters' own loggers are raised to ERROR (and restored afterwards), and the root
+    logger drops only the records the exporters log on it directly."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    noise = _ExporterNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", category=FutureWarning)
@@ -355,7 +411,9 @@ def _quiet_export() -> Iterator[None]:
             warnings.filterwarnings("ignore", module=r"onnxscript.*")
             yield
     finally:
-        quantizer_log.setLevel(level)
+        root.removeFilter(noise)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +443,7 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
                     dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_AXIS)}})
             return program.model_proto, f"torch.onnx dynamo exporter (torch {torch.__version__})"
         except Exception as exc:  # the new exporter raises many types; fall back and say why on failure
-            errors.append(f"dynamo exporter: {exc.__class__.__name__}: {_first_line(exc)}")
+            errors.append(f"dynamo exporter: {exc.__class__.__name__}: {first_line(exc)}")
             if exporter == "dynamo":
                 raise ExportError(f"ONNX export failed: {errors[0]}") from None
     if exporter in ("auto", "legacy"):
@@ -399,7 +457,7 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
             used = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
             return onnx.load_from_string(buffer.getvalue()), used
         except Exception as exc:
-            errors.append(f"TorchScript exporter: {exc.__class__.__name__}: {_first_line(exc)}")
+            errors.append(f"TorchScript exporter: {exc.__class__.__name__}: {first_line(exc)}")
     if not errors:
         raise ExportError(f"unknown ONNX exporter {exporter!r} (choose auto, dynamo or legacy)")
     raise ExportError(f"ONNX export failed: {'; '.join(errors)}")
@@ -478,13 +536,14 @@ def _set_metadata(proto: "onnx.ModelProto", metadata: dict[str, str]) -> None:
     proto.doc_string = f"digitlab {metadata.get('model', '')} digit reader: input '{INPUT_NAME}' = {INPUT_DESCRIPTION}"
 
 
-def _ort_session(model: bytes | str | Path):
-    import onnxruntime as ort
-
+def _ort_session(model: bytes | str | Path, providers: Sequence[str] | None = None):
+    """An onnxruntime session for a model (its bytes or path) that logs errors only, on `providers` (CPU by
+    default). onnxruntime's own exception types pass through."""
+    ort = _onnxruntime("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _ort_logits(session) -> Callable[[np.ndarray], np.ndarray]:
@@ -505,12 +564,12 @@ def _quantize_int8(model_bytes: bytes) -> bytes:
             with _quiet_export():
                 quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         except Exception as exc:
-            raise ExportError(f"int8 quantisation failed: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+            raise ExportError(f"int8 quantisation failed: {exc.__class__.__name__}: {first_line(exc)}") from None
         return dst.read_bytes()
 
 
 def export_onnx(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     out: str | Path,
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
@@ -519,15 +578,18 @@ def export_onnx(
     exporter: str = "auto",
     force: bool = False,
 ) -> ExportReport:
-    """Export a checkpoint to ONNX (pixels in [0, 1] -> logits), verify it against PyTorch with onnxruntime,
-    optionally quantise it to int8, and write it atomically to `out`.
+    """Export a checkpoint to ONNX (pixels in [0, 1] -> calibrated logits), verify it against PyTorch with
+    onnxruntime, optionally quantise it to int8, and write it atomically to `out`. Several checkpoints make
+    one ensemble graph (see `ensemble_model`).
 
     verify_images: a VerifySet (e.g. `mnist_verify_set(...)`), uint8 images (N, 28, 28), or None for
     seeded random images. The fp32 model must match PyTorch within `tolerance` with identical argmax, else
     ExportError and nothing is written. With quantize="int8" the file at `out` is the int8 model; its
     agreement and accuracy against the fp32 export are reported, not enforced.
     """
-    import onnx
+    onnx = require("onnx", "onnx")
+    require("onnx", "onnxscript")  # torch's ONNX exporter
+    require("onnx", "onnxruntime")  # the check against PyTorch
 
     started = time.perf_counter()
     out = Path(out)
@@ -536,16 +598,15 @@ def export_onnx(
     if not 7 <= opset <= 23:
         raise ExportError(f"opset {opset}: must be between 7 and 23 (default {DEFAULT_OPSET})")
     _check_writable(out, force)
-    weights, model, info = _load_checkpoint(checkpoint)
+    weights, module, info = _pixel_module([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)
     verify = _as_verify_set(verify_images)
-    module = pixel_model(model, info.mean, info.std, info.temperature)
 
     proto, exporter_used = _onnx_proto(module, opset, exporter)
     _set_metadata(proto, _metadata(weights, info, exporter_used))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # ValidationError or shape inference errors
-        raise ExportError(f"{out}: exported graph fails onnx.checker: {_first_line(exc)}") from None
+        raise ExportError(f"{out}: exported graph fails onnx.checker: {first_line(exc)}") from None
 
     fp32_bytes = proto.SerializeToString()
     fp32_logits = _ort_logits(_ort_session(fp32_bytes))
@@ -562,7 +623,7 @@ def export_onnx(
         try:
             int8_logits = _ort_logits(_ort_session(int8.SerializeToString()))
         except Exception as exc:  # onnxruntime raises its own types for a graph it cannot load
-            raise ExportError(f"{out}: int8 model does not load in onnxruntime: {str(exc)[:200]}") from None
+            raise ExportError(f"{out}: int8 model does not load in onnxruntime: {first_line(exc)}") from None
         quantized_check = compare(fp32_logits, int8_logits, verify)
         metadata["verified_int8"] = (f"same class as fp32 on {quantized_check.argmax_agreement}/"
                                      f"{quantized_check.count} of {quantized_check.source}")
@@ -607,7 +668,7 @@ def export_torchscript(
         with _quiet_export(), torch.no_grad():
             traced = torch.jit.trace(module, example)
     except Exception as exc:
-        raise ExportError(f"TorchScript export failed: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        raise ExportError(f"TorchScript export failed: {exc.__class__.__name__}: {first_line(exc)}") from None
 
     def archive(metadata: dict[str, str]) -> bytes:
         buffer = io.BytesIO()
@@ -629,7 +690,8 @@ def export_torchscript(
                         metadata=metadata, seconds=time.perf_counter() - started)
 
 
-def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", quantize: str | None = None,
+def export(checkpoint: str | Path | Sequence[str | Path], out: str | Path, format: str = "onnx",
+           quantize: str | None = None,
            verify_images: VerifySet | np.ndarray | None = None, opset: int = DEFAULT_OPSET,
            force: bool = False) -> ExportReport:
     """Export in the named format ("onnx" or "torchscript"); an existing `out` is replaced only with force."""
@@ -639,6 +701,10 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", quanti
     if format == "torchscript":
         if quantize is not None:
             raise ExportError("--quantize works with --format onnx only")
+        if not isinstance(checkpoint, (str, Path)):
+            if len(checkpoint) != 1:
+                raise ExportError("an ensemble (several --checkpoint) exports to --format onnx only")
+            checkpoint = checkpoint[0]
         return export_torchscript(checkpoint, out, verify_images=verify_images, force=force)
     raise ExportError(f"--format {format!r}: unknown (choose {' or '.join(FORMATS)})")
 
@@ -664,11 +730,8 @@ class ExportedInfo:
 
 
 def _onnxruntime(what: str):
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ExportError(f"{what}: onnxruntime is not installed (pip install onnxruntime)") from None
-    return onnxruntime
+    """onnxruntime, or MissingExtra naming `pip install "digitlab[onnx]"` (`what`: the caller, unused)."""
+    return require("onnx", "onnxruntime")
 
 
 def onnx_providers(device: str = "auto") -> list[str]:
@@ -693,19 +756,15 @@ class OnnxModel:
         if not self.path.is_file():
             raise ExportError(f"{self.path}: file not found" if not self.path.exists()
                               else f"{self.path}: not a file")
-        ort = _onnxruntime(str(self.path))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        _onnxruntime(str(self.path))  # MissingExtra before the file is read
         try:
             model_bytes = self.path.read_bytes()
         except OSError as exc:
             raise ExportError(f"{self.path}: cannot read: {exc.strerror or exc.__class__.__name__}") from None
         try:
-            self.session = ort.InferenceSession(model_bytes, options,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = _ort_session(model_bytes, providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            first = _first_line(exc, 160)
-            raise ExportError(f"{self.path}: not a loadable ONNX model ({first})") from None
+            raise ExportError(f"{self.path}: not a loadable ONNX model ({first_line(exc, 160)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE):
             found = ", ".join(f"{i.name} {i.shape}" for i in inputs)

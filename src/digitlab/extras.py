@@ -14,13 +14,13 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from .errors import DigitlabError
+from .errors import DigitlabError, first_line
 
 # extra -> what it is for, as the message says it
 EXTRAS = {
     "serve": "digitlab serve",
-    "onnx": "ONNX export and inference",
-    "plots": "plots",
+    "onnx": "ONNX support",
+    "plots": "drawing plots",
     "tensorboard": "--tensorboard",
 }
 
@@ -47,7 +47,7 @@ def require(extra: str, module: str) -> ModuleType:
         what = EXTRAS.get(extra, extra)
         if isinstance(exc, ModuleNotFoundError):
             raise MissingExtra(f"{what} needs {missing}, which is not installed: {pip_line(extra)}") from None
-        raise MissingExtra(f"{what} needs {missing}, which cannot be imported ({str(exc).splitlines()[0][:120]}): "
+        raise MissingExtra(f"{what} needs {missing}, which cannot be imported ({first_line(exc, 120)}): "
                            f"pip install --upgrade \"digitlab[{extra}]\"") from None
 
 

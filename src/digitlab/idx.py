@@ -8,15 +8,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DigitlabError
+from .fileio import atomic_write_bytes
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -74,13 +73,18 @@ def _inflate(raw: bytes, limit: int) -> tuple[bytes, bool]:
     return out, inflater.eof
 
 
+def is_gzip(raw: bytes) -> bool:
+    """Whether the bytes start as gzip data (1f 8b); IDX and image formats never do."""
+    return raw[:2] == GZIP_MAGIC
+
+
 def gunzip(raw: bytes, name: str) -> bytes:
     """The bytes decompressed when they are gzip data, else as they are; corrupt gzip is a DataError.
 
     The IDX header is decompressed first and the stream is then decompressed only up to the size the header
     announces (plus TRAILING_SLACK): a gzip that expands to more than its header says is refused unread.
     """
-    if raw[:2] != GZIP_MAGIC:
+    if not is_gzip(raw):
         return raw
     try:
         head, ended = _inflate(raw, 4 + 4 * 255)  # the longest IDX header: 255 dimensions
@@ -152,33 +156,6 @@ def encode_idx(array: np.ndarray) -> bytes:
         raise DataError(f"IDX writer: dtype {array.dtype} not supported (uint8 only)")
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.tobytes()
-
-
-def _new_file_mode() -> int:
-    """The mode open() gives a new file (0o666 minus the umask); mkstemp's temp files are 0o600."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_NEW_FILE_MODE = _new_file_mode()  # read once: os.umask is process-wide, so probing it is not thread-safe
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _NEW_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import DigitlabError
-from .idx import IMAGES_MAGIC, atomic_write_bytes, gunzip, parse_idx
+from .errors import DigitlabError, first_line
+from .figures import write_png
+from .idx import IMAGES_MAGIC, gunzip, is_gzip, parse_idx
+from .pixels import model_input
 from .preprocessing import IMAGE_SUFFIXES, load_image, preprocess
 
 IDX_SUFFIXES = (".idx", ".idx3", ".idx3-ubyte", "-ubyte", ".gz")
@@ -155,7 +157,7 @@ def _sniff(path: Path) -> bytes:
 
 def _looks_like_idx(head: bytes) -> bool:
     """IDX images start with 00 00 08 03; gzip with 1f 8b (image formats never do)."""
-    return head[:4] == b"\x00\x00\x08\x03" or head[:2] == b"\x1f\x8b"
+    return head[:4] == b"\x00\x00\x08\x03" or is_gzip(head)
 
 
 def _idx_items(raw: bytes, name: str) -> list[InputItem]:
@@ -266,8 +268,7 @@ def _prepare(item: InputItem) -> tuple[np.ndarray | None, str | None]:
     if item.error is not None:
         return None, item.error
     if item.mnist is not None:
-        # Exactly what training saw: uint8 / 255 in float32 (as data.to_input computes it).
-        return item.mnist.astype(np.float32) / np.float32(255.0), None
+        return model_input(item.mnist), None  # exactly what training saw (data.to_input computes the same)
     name = "<stdin>" if item.path == "-" else (item.path or "<image>")  # how error messages name the input
     try:
         source = item.source
@@ -278,7 +279,7 @@ def _prepare(item: InputItem) -> tuple[np.ndarray | None, str | None]:
         message = str(exc)
         return None, message if message.startswith(f"{name}: ") else f"{name}: {message}"
     except Exception as exc:  # noqa: BLE001 - one bad input must never stop the others
-        return None, f"{name}: cannot read this image ({exc.__class__.__name__}: {str(exc)[:100]})"
+        return None, f"{name}: cannot read this image ({exc.__class__.__name__}: {first_line(exc, 100)})"
 
 
 BIG_INPUT_BYTES = 32_000  # smaller images (an MNIST PNG is under 1 kB) are quicker inline than on a thread
@@ -336,15 +337,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _torch_runner(model: Any, mean: float | None, std: float | None, device: Any) -> RunLogits:
-    """run_logits for a PyTorch model: pixels -> normalised exactly as data.to_input does -> logits."""
+    """run_logits for a PyTorch model: pixels -> normalised as in training (`model_input`) -> logits."""
     import torch
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)  # (N, 1, 28, 28)
-            if mean is not None and std is not None:
-                t = (t - mean) / std  # not in place: t may share memory with the caller's array
-            return model(t).float().cpu().numpy()  # (N, 10)
+            return model(model_input(t, mean, std)).float().cpu().numpy()  # (N, 10)
 
     return run
 
@@ -440,10 +439,7 @@ class Predictor:
 
         No preprocessing; batched by `batch_size`.
         """
-        x = np.asarray(x)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / np.float32(255.0)
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28)
+        x = np.ascontiguousarray(model_input(x)).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28) float32 in [0, 1]
         if len(x) == 0:
             return np.zeros((0, 10), dtype=np.float32)
         return np.concatenate([self._probabilities(x[i:i + self.batch_size])
@@ -507,10 +503,7 @@ class Predictor:
 
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(1, 1, 28, 28))  # (1, 1, 28, 28)
         with self._lock, torch.inference_mode():
-            t = t.to(self.device)
-            if self.info.mean is not None and self.info.std is not None:
-                t = (t - self.info.mean) / self.info.std  # not in place: t may share memory with x
-            layers = self.model.hidden_activations(t)
+            layers = self.model.hidden_activations(model_input(t.to(self.device), self.info.mean, self.info.std))
             values = {name: value[0].float().cpu().numpy() for name, value in layers.items()}  # drop batch dim
         # (C, H, W): the first 8 feature maps are plenty to look at
         return {name: value[:8] if value.ndim == 3 else value for name, value in values.items()}
@@ -560,11 +553,7 @@ def _safe_name(path: str | None) -> str:
 
 def save_preprocessed(directory: Path, index: int, path: str | None, x: np.ndarray) -> Path:
     """Write the 28x28 image the model saw as a PNG named after its position and input; returns its path."""
-    target = directory / f"{index:05d}-{_safe_name(path)}.png"
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    atomic_write_bytes(target, buffer.getvalue())
-    return target
+    return write_png(directory / f"{index:05d}-{_safe_name(path)}.png", x)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calibration, checkpoint, data, distributed
+from . import calibration, checkpoint, data, distributed, extras, tracking
 from .augment import augment_batch
 from .devices import autocast, resolve_device, resolve_precision
 from .errors import DigitlabError
 from .evaluation import evaluate_tensors
 from .figures import new_figure, save_png
+from .fileio import atomic_write_bytes
 from .models import MODELS, build_model, count_parameters
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
 
@@ -120,6 +121,7 @@ class TrainConfig:
     overwrite: bool = False  # train into an --out dir that already holds a run, replacing it
     quiet: bool = False
     target_accuracy: float | None = None
+    tensorboard: str | None = None  # also write each epoch's metrics as TensorBoard scalars into this dir
 
     def resolved(self) -> "TrainConfig":
         """A copy with recipe defaults filled in and every value checked."""
@@ -285,7 +287,7 @@ def default_out_dir(model: str) -> Path:
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "confusion.png", "mistakes.png",
              "best.safetensors", "best.json", "best.state.pt", "last.safetensors", "last.json", "last.state.pt")
 # What --resume may change: where the run trains, where its data is, how loudly. (--epochs: see resume_conflicts.)
-RESUME_MAY_CHANGE = ("resume", "device", "data", "quiet")
+RESUME_MAY_CHANGE = ("resume", "device", "data", "quiet", "tensorboard")
 
 
 def _as_option(name: str, value: Any) -> str:
@@ -313,7 +315,8 @@ def resume_conflicts(run_dir: Path, saved: TrainConfig, given: dict[str, Any]) -
                 conflicts.append("--overwrite")
         elif name == "epochs":
             if value != saved.epochs and saved.schedule != "none":
-                conflicts.append(f"--epochs {value} (its {saved.schedule} schedule is planned over {saved.epochs} epochs)")
+                conflicts.append(f"--epochs {value} (its {saved.schedule} schedule is planned over "
+                                 f"{saved.epochs} epochs)")
         elif value != getattr(saved, name, None):
             conflicts.append(_as_option(name, value))
     return conflicts
@@ -343,7 +346,7 @@ def check_resume_options(run_dir: str | Path, given: dict[str, Any]) -> None:
     if conflicts:
         raise ConfigError(
             f"--resume {run_dir}: {', '.join(conflicts)}: a resumed run keeps the settings in its config.json "
-            f"(only --device, --data, --quiet and, without a schedule, --epochs may be given)")
+            f"(only --device, --data, --quiet, --tensorboard and, without a schedule, --epochs may be given)")
 
 
 @dataclass
@@ -419,6 +422,7 @@ class Trainer:
         if self.resume_dir is None:
             self._check_out_dir()  # before any slow work
         self.console = None if (self.cfg.quiet or not self.ctx.is_main) else _console()
+        self.tracker = tracking.Tracker(self.cfg.tensorboard if self.ctx.is_main else None)  # before slow work
         self.state = TrainState()  # what save_last writes and --resume restores
         self.stop_flag = StopFlag(abort=self._aborted)
         self.aug_generator = torch.Generator().manual_seed(self.cfg.seed + 1 + self.ctx.rank)
@@ -443,7 +447,8 @@ class Trainer:
         # The run continues with its own settings; only where it runs and how loudly may change (and --epochs
         # of a run without a schedule).
         return replace(saved, out=str(run_dir), resume=str(run_dir), device=cfg.device, quiet=cfg.quiet,
-                       data=cfg.data or raw.get("data"), epochs=cfg.epochs or saved.epochs)
+                       data=cfg.data or raw.get("data"), epochs=cfg.epochs or saved.epochs,
+                       tensorboard=cfg.tensorboard or saved.tensorboard)
 
     def _check_out_dir(self) -> None:
         """A new run must not land on an existing one unless --overwrite says so."""
@@ -498,7 +503,7 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     def _write_config(self) -> None:
-        data.atomic_write_bytes(self.out / "config.json", (json.dumps(self.cfg.to_json(), indent=2) + "\n").encode())
+        atomic_write_bytes(self.out / "config.json", (json.dumps(self.cfg.to_json(), indent=2) + "\n").encode())
 
     def _restore(self) -> None:
         last = self.out / "last"
@@ -534,7 +539,7 @@ class Trainer:
         if self.ctx.is_main:
             checkpoint.remove_stale_temp_files(*(self.out / name for name in RUN_FILES))
             # Roll metrics.jsonl back to the checkpoint: lines of epochs after it (written before a kill) go.
-            data.atomic_write_bytes(self.out / "metrics.jsonl",
+            atomic_write_bytes(self.out / "metrics.jsonl",
                                     "".join(json.dumps(record) + "\n" for record in s.history).encode())
             if read_run_config(self.out)[1].epochs != self.cfg.epochs:
                 self._write_config()  # --epochs extended (or shortened) the run
@@ -661,6 +666,7 @@ class Trainer:
             if self.ctx.is_main:
                 with open(self.out / "metrics.jsonl", "a") as fh:  # rolled back to `last` on resume
                     fh.write(json.dumps(record) + "\n")
+                self.tracker.log(record)
             # last before best: a kill between the two leaves a `last` that says which epoch is best, and
             # `_restore_best` then takes the best weights from it.
             self.save_last()
@@ -749,8 +755,11 @@ class Trainer:
                        "best_val_accuracy": self.best_val_accuracy, "seconds": round(run.seconds, 3),
                        "stopped_early": stopped_early, "processes": self.ctx.world_size,
                        "max_weight_difference_between_processes": spread}
-            data.atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-            plot_curves(self.history, self.out / "curves.png")
+            atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            if extras.plots_available():
+                plot_curves(self.history, self.out / "curves.png")
+            else:
+                extras.plots_skipped(["curves.png"])
         return run
 
 
@@ -765,6 +774,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Run:
             raise distributed.lost_peer(trainer.ctx, exc) from None
         raise
     finally:
+        trainer.tracker.close()
         distributed.shutdown()
 
 

@@ -286,7 +286,7 @@
     });
     whyEl.hidden = true;
     whyText.textContent = "";
-    whyMap.getContext("2d").clearRect(0, 0, 28, 28);
+    whyMap.getContext("2d", { willReadFrequently: true }).clearRect(0, 0, 28, 28);
     insideEl.replaceChildren();
     insideKey = "";
     insideHelp.hidden = false;
@@ -319,11 +319,17 @@
   // Why this digit: the saliency map over the 28x28 image the model saw
   // ------------------------------------------------------------------------------------------------
   async function showWhy(answer) {
-    const img = new Image();
-    img.src = `data:image/png;base64,${answer.preprocessed}`;
-    await img.decode();
-    const c = whyMap.getContext("2d");
-    c.drawImage(img, 0, 0);
+    const c = whyMap.getContext("2d", { willReadFrequently: true });
+    c.fillStyle = "#000";
+    c.fillRect(0, 0, 28, 28);
+    try {
+      const img = new Image();
+      img.src = `data:image/png;base64,${answer.preprocessed}`;
+      await img.decode();
+      c.drawImage(img, 0, 0);
+    } catch (err) {
+      // a newer answer replaced this one while it decoded: the map alone, on black, is still right
+    }
     const image = c.getImageData(0, 0, 28, 28);
     const flat = answer.saliency.flat();
     const span = Math.max(1e-9, ...flat.map(Math.abs));
