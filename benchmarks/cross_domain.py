@@ -53,6 +53,7 @@ def _calibration():
     except ImportError:
         spec = importlib.util.spec_from_file_location("calibration", ROOT / "src/digitlab/calibration.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules["calibration"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

@@ -210,6 +210,59 @@ def test_default_mlp_training_reaches_98_percent(mnist_dir, tmp_path):
     assert summary["test_accuracy"] >= 0.98, summary
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_quick_recipe_reaches_99_percent(mnist_dir, tmp_path):
+    """The `quick` recipe's promise, on the real data (CI's accuracy gate for the CNN)."""
+    result = run_cli("train", "--recipe", "quick", "--data", str(mnist_dir), "--out", str(tmp_path / "run"),
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["recipe"] == "quick" and config["model"] == "cnn" and config["epochs"] == 2
+    assert summary["test_accuracy"] >= 0.99, summary
+    assert summary["test_ece"] <= 0.02, summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_recipe_fills_what_was_not_given_and_names_its_model():
+    cfg = TrainConfig(recipe="quick", epochs=3).resolved()
+    quick = training.RECIPES["quick"]
+    assert (cfg.model, cfg.recipe, cfg.epochs, cfg.batch_size, cfg.lr, cfg.augment) == (
+        "cnn", "quick", 3, quick.batch_size, quick.lr, quick.augment)
+    assert TrainConfig().resolved().recipe == "mlp"
+    assert TrainConfig(model="cnn").resolved().recipe == "cnn"
+    best = TrainConfig(recipe="best").resolved()
+    assert best.model_config == {"channels": [32, 64, 128], "convs_per_stage": 2}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"recipe": "fastest"}, "--recipe 'fastest': expected one of"),
+    ({"recipe": "quick", "model": "mlp"}, "--recipe quick trains a cnn, not a mlp"),
+])
+def test_bad_recipes_are_rejected(override, message):
+    with pytest.raises(training.ConfigError, match=message):
+        TrainConfig(**override).resolved()
+
+
+def test_list_recipes_names_each_with_its_measurement(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "train", "--list-recipes")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(training.RECIPES)
+    assert all(training.RECIPES[line.split()[0]].summary in line for line in lines)
+
+
+def test_the_best_recipes_model_is_built_from_the_recipe(tiny_mnist_dir, tmp_path):
+    run = train(tiny_config(tiny_mnist_dir, tmp_path / "run", model=None, recipe="best", epochs=1,
+                            batch_size=64, augment=False))
+    assert checkpoint.read_info(run.dir).model_config["convs_per_stage"] == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Issue 11: crash-consistent checkpoints, --overwrite, options that conflict with --resume, double Ctrl-C
 # ----------------------------------------------------------------------------------------------------------

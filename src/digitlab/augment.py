@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .pixels import model_input
+
 SIZE = 28
 BOX = 20  # MNIST's size-normalisation box: preprocessing scales every digit's longer side to this
 
@@ -282,4 +284,4 @@ def augment_batch(x: torch.Tensor, labels: torch.Tensor, generator: torch.Genera
     pixels = low_resolution(pixels, generator, cfg.low_resolution)
     pixels = binarise(pixels, generator, cfg.binarise)
     pixels = cut_an_edge(pixels, generator, cfg.cut_edge).clamp_(0, 1)
-    return (pixels - mean) / std if mean is not None and std is not None else pixels
+    return model_input(pixels, mean, std)

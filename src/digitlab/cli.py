@@ -266,7 +266,8 @@ def export(
 
 @app.command()
 def serve(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
+                                          "Give it several times to serve an ensemble."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this origin (repeatable); CORS is off "
@@ -309,9 +310,10 @@ def predict(
     inputs: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF), folders (searched "
                                        "recursively), IDX files (every image), or - for stdin.", show_default=False,
                                        metavar="INPUTS..."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Instead of --checkpoint: an exported .onnx file, "
-                                         "run with onnxruntime (no torch needed)."),
+    checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
+                                          "Give it several times for an ensemble (probabilities averaged)."),
+    model: List[Path] = typer.Option([], "--model", help="Instead of --checkpoint: an exported .onnx file, "
+                                     "run with onnxruntime (no torch needed); several make an ensemble."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line."),
     reject_below: Optional[float] = typer.Option(None, "--reject-below", min=0.0, max=1.0,
                                                  help="Report no digit (null) when the confidence is below P."),
@@ -331,14 +333,12 @@ def predict(
 
     from .prediction import Predictor, expand_inputs, path_width, table_header, table_row
 
-    if checkpoint is not None and model is not None:
+    if checkpoint and model:
         fail("--checkpoint and --model exclude each other: give one", 2)
-    if model is not None:
-        predictor = Predictor.from_onnx(model, device=device, batch_size=batch_size)
-    elif checkpoint is not None:
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
-    else:
+    if not checkpoint and not model:
         fail("--checkpoint or --model is required (a run dir or checkpoint, or an exported .onnx file)", 2)
+    predictor = Predictor.from_checkpoints(list(checkpoint or model), device=device, batch_size=batch_size,
+                                           onnx=bool(model))
     items = expand_inputs(inputs)  # "-" reads sys.stdin.buffer
     width = path_width(items)
     if not as_json:
@@ -346,7 +346,7 @@ def predict(
     if explain is not None:
         from .saliency import prepare_explain_dir, write_saliency_png
 
-        if model is not None:
+        if model:
             fail("--explain needs --checkpoint (a PyTorch model): an ONNX model has no gradients here", 2)
         prepare_explain_dir(explain)
     failures = 0

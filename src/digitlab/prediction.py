@@ -402,14 +402,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto",
-                         batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+                         batch_size: int = DEFAULT_BATCH_SIZE, onnx: bool | None = None) -> "Predictor":
         """An ensemble: each checkpoint (or exported .onnx file) is loaded, and their calibrated probabilities
-        are averaged. One path gives a plain Predictor. `explain` and `activations` show the first member."""
+        are averaged. One path gives a plain Predictor. `explain` and `activations` show the first member.
+        onnx: True loads every path with onnxruntime, False as a checkpoint; None decides by the .onnx suffix."""
         if not paths:
             raise PredictError("--checkpoint: give at least one checkpoint")
 
         def load_one(path: str | Path) -> "Predictor":
-            if str(path).endswith(".onnx"):
+            if onnx or (onnx is None and str(path).endswith(".onnx")):
                 return cls.from_onnx(path, device=device, batch_size=batch_size)
             return cls.from_checkpoint(path, device=device, batch_size=batch_size)
 

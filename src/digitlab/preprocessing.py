@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from .errors import DigitlabError
+from .errors import DigitlabError, first_line
 
 MAX_PIXELS = 40_000_000  # decompression-bomb guard: larger images are refused before they are decoded
 WORK_SIZE = 512  # longer side of the working image; a digit needs no more
@@ -74,11 +74,6 @@ class PreprocessError(DigitlabError):
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException, limit: int = 100) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:limit]
 
 
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
@@ -137,7 +132,7 @@ def load_image(source: str | Path | bytes | io.IOBase, name: str | None = None) 
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image too large (over {MAX_PIXELS / 1e6:.0f} megapixels, the limit)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"{name}: corrupt image header ({_first_line(exc)})") from None
+        raise ImageError(f"{name}: corrupt image header ({first_line(exc, 100)})") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise _too_large(name, width, height)
@@ -148,7 +143,7 @@ def load_image(source: str | Path | bytes | io.IOBase, name: str | None = None) 
         image.load()
         image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as exc:
-        raise ImageError(f"{name}: truncated or corrupt image data ({_first_line(exc)})") from None
+        raise ImageError(f"{name}: truncated or corrupt image data ({first_line(exc, 100)})") from None
     return image
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .pixels import model_input
+
 DEFAULT_STEPS = 32
 
 
@@ -50,9 +52,7 @@ def integrated_gradients(model: Any, x: np.ndarray, mean: float | None = None, s
     pixels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(1, 1, 28, 28)).to(device)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        if mean is not None and std is not None:
-            batch = (batch - mean) / std
-        return model(batch).float()
+        return model(model_input(batch, mean, std)).float()
 
     with torch.inference_mode():
         logits = run(pixels)[0]
@@ -96,13 +96,8 @@ def prepare_explain_dir(directory: Path) -> None:
 
 def write_saliency_png(directory: Path, index: int, path: str | None, x: np.ndarray, result: Saliency) -> Path:
     """`saliency_image` as DIR/<index>-<input name>-<digit>-vs-<runner-up>.png, written crash-safely."""
-    import io
-
-    from .idx import atomic_write_bytes
+    from .figures import write_png
     from .prediction import _safe_name
 
     target = Path(directory) / f"{index:05d}-{_safe_name(path)}-{result.digit}-vs-{result.runner_up}.png"
-    buffer = io.BytesIO()
-    saliency_image(x, result).save(buffer, format="PNG")
-    atomic_write_bytes(target, buffer.getvalue())
-    return target
+    return write_png(target, saliency_image(x, result))

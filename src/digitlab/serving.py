@@ -33,7 +33,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import anyio
 import fastapi_offline
@@ -55,7 +55,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .errors import DigitlabError
-from .prediction import PredictError, softmax
+from .prediction import PredictError
 
 STATIC_DIR = Path(__file__).with_name("static")
 DOCS_STATIC_DIR = Path(fastapi_offline.__file__).with_name("static")  # Swagger UI and ReDoc, no CDN
@@ -237,9 +237,8 @@ class InferenceService:
 
     @property
     def temperature(self) -> float:
-        """The fitted softmax temperature from the checkpoint sidecar (1.0: none)."""
-        value = getattr(self.predictor.info, "temperature", 1.0)
-        return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+        """The fitted softmax temperature from the checkpoint sidecar (1.0: none); an ensemble's first member's."""
+        return float(getattr(self.predictor, "temperature", 1.0))
 
     def decode(self, data: bytes, name: str) -> Image.Image:
         """Encoded bytes -> a PIL image no larger than needed; InputError 400 (not an image), 413 (too large).
@@ -313,9 +312,8 @@ class InferenceService:
         # The Predictor runs one forward pass at a time (its own lock), whichever path runs it.
         if explain:
             values = self._activations(x)
-            logits = values["logits"].astype(np.float64)
-            # The same temperature the Predictor applies: explained and plain answers agree.
-            probabilities = np.asarray(softmax(logits[None] / self.temperature), dtype=np.float64)[0]
+            # The Predictor's own answer (its temperature, every ensemble member): explained and plain agree.
+            probabilities = np.asarray(self.predictor.predict_arrays(x[None]), dtype=np.float64)[0]
             # 4 decimals are plenty for a heat map and halve the JSON
             extra["activations"] = {k: np.round(v.astype(np.float64), 4).tolist() for k, v in values.items()}
             if "hidden1" in values:
@@ -394,10 +392,9 @@ def json_safe(value: Any) -> Any:
 
 def png_base64(x: np.ndarray) -> str:
     """A (28, 28) float image in [0, 1] as a base64 grayscale PNG."""
-    pixels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    from .figures import png_bytes
+
+    return base64.b64encode(png_bytes(x)).decode("ascii")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -713,15 +710,17 @@ def docs_pages(app: FastAPI) -> None:
     """/docs (Swagger UI) and /redoc (ReDoc), every file served from here, nothing inline but styles."""
     redoc_js: list[bytes] = []  # read once, on the first request
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger() -> HTMLResponse:
+    def page(head: str, body: str) -> HTMLResponse:
         return HTMLResponse(
             '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>digitlab API</title>'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<link rel="icon" href="/docs-static/favicon.png">'
-            '<link rel="stylesheet" href="/docs-static/swagger-ui.css"></head><body><div id="swagger-ui"></div>'
-            '<script src="/docs-static/swagger-ui-bundle.js"></script>'
-            '<script src="/static/swagger-init.js"></script></body></html>')
+            f'<link rel="icon" href="/docs-static/favicon.png">{head}</head><body>{body}</body></html>')
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return page('<link rel="stylesheet" href="/docs-static/swagger-ui.css">',
+                    '<div id="swagger-ui"></div><script src="/docs-static/swagger-ui-bundle.js"></script>'
+                    '<script src="/static/swagger-init.js"></script>')
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     async def swagger_redirect() -> HTMLResponse:
@@ -729,12 +728,8 @@ def docs_pages(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return HTMLResponse(
-            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>digitlab API</title>'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<link rel="icon" href="/docs-static/favicon.png"><style>body { margin: 0; }</style></head><body>'
-            '<redoc spec-url="/openapi.json"></redoc><script src="/docs-static/redoc.standalone.js"></script>'
-            '</body></html>')
+        return page("<style>body { margin: 0; }</style>",
+                    '<redoc spec-url="/openapi.json"></redoc><script src="/docs-static/redoc.standalone.js"></script>')
 
     @app.get("/docs-static/redoc.standalone.js", include_in_schema=False)
     async def redoc_bundle() -> Response:
@@ -969,8 +964,8 @@ def url_for(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, cors_origins: Iterable[str] = (),
-          device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+def serve(checkpoint: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
+          cors_origins: Iterable[str] = (), device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
           reject_below: float | None = None, allowed_hosts: Iterable[str] | None = None,
           max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_decodes: int = DEFAULT_MAX_DECODES,
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
@@ -986,7 +981,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, cor
     hosts = list(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     sock = bind_socket(host, port)  # before the model loads: a busy port fails fast
     try:
-        predictor = Predictor.from_checkpoint(checkpoint, device=device)
+        paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        predictor = Predictor.from_checkpoints(paths, device=device)  # several: an ensemble
         app = create_app(predictor, max_body_bytes=max_body_bytes, cors_origins=origins,
                          reject_below=reject_below, allowed_hosts=hosts, max_image_pixels=max_image_pixels,
                          max_decodes=max_decodes, body_timeout=body_timeout)
@@ -996,7 +992,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, cor
         if not is_loopback(host):
             print(f"digitlab: warning: listening on {host}, reachable from other machines; the API has no "
                   "authentication", file=sys.stderr, flush=True)
-        print(f"digitlab: serving {predictor.info.model} from {checkpoint} on "
+        what = predictor.info.model if len(paths) == 1 else f"an ensemble of {len(paths)} models"
+        print(f"digitlab: serving {what} from {', '.join(map(str, paths))} on "
               f"{url_for(host, sock.getsockname()[1])} (Ctrl+C to stop)", flush=True)
         import uvicorn
 
