@@ -26,8 +26,9 @@ def mnist_files(parser: argparse.ArgumentParser, data_dir: str | None) -> dict[s
     return files
 
 
-def mnist_test_set(parser: argparse.ArgumentParser, data_dir: str | None,
-                   count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mnist_test_set(
+    parser: argparse.ArgumentParser, data_dir: str | None, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` test images (N, 28, 28) uint8 and labels (N,), or a usage error naming --data."""
     files = mnist_files(parser, data_dir)
     images = np.array(idx.read_images(files["test_images"])[:count])

@@ -116,18 +116,24 @@ def main() -> None:
                 alone[mode] += train_runs(args.data, tmp, mode, 1)
                 times = train_runs(args.data, tmp, mode, 2)
                 pair[mode] += times
-                line = f"round {r + 1} {mode:3}: alone {alone[mode][-1]:5.1f} s, pair {times[0]:5.1f} / {times[1]:5.1f} s"
+                line = (
+                    f"round {r + 1} {mode:3}: alone {alone[mode][-1]:5.1f} s, pair {times[0]:5.1f} / {times[1]:5.1f} s"
+                )
                 if not args.skip_serve:
                     latencies = serve_beside_training(args.data, tmp, mode, checkpoint, args.requests)
                     serve[mode] += latencies
                     serve_p99[mode].append(p99(latencies))
-                    line += (f", serve {len(latencies)} requests p50 {statistics.median(latencies):.1f} ms "
-                             f"p99 {serve_p99[mode][-1]:.1f} ms")
+                    line += (
+                        f", serve {len(latencies)} requests p50 {statistics.median(latencies):.1f} ms "
+                        f"p99 {serve_p99[mode][-1]:.1f} ms"
+                    )
                 print(line + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
     print()
-    print("| policy | alone s (median) | pair s, each (median) | pair / alone | serve p99 ms beside training "
-          "(median of rounds) |")
+    print(
+        "| policy | alone s (median) | pair s, each (median) | pair / alone | serve p99 ms beside training "
+        "(median of rounds) |"
+    )
     print("|---|---|---|---|---|")
     for mode in modes:
         a, p = statistics.median(alone[mode]), statistics.median(pair[mode])
@@ -136,8 +142,10 @@ def main() -> None:
         print(f"| {label} | {a:.1f} | {p:.1f} | {p / a:.2f}x | {s} |")
     if "on" in modes and "off" in modes:
         ratio = statistics.median(alone["on"]) / statistics.median(alone["off"])
-        print(f"\nalone, on / off: {ratio:.3f} (target <= 1.05); pair / alone with the policy: "
-              f"{statistics.median(pair['on']) / statistics.median(alone['on']):.2f}x (target <= 2.5x)")
+        print(
+            f"\nalone, on / off: {ratio:.3f} (target <= 1.05); pair / alone with the policy: "
+            f"{statistics.median(pair['on']) / statistics.median(alone['on']):.2f}x (target <= 2.5x)"
+        )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def _calibration():
     """digitlab.calibration, or this checkout's copy of it when an older digitlab is being scored."""
     try:
         from digitlab import calibration
+
         return calibration
     except ImportError:
         spec = importlib.util.spec_from_file_location("calibration", ROOT / "src/digitlab/calibration.py")
@@ -66,14 +67,16 @@ def _calibration():
 def read_idx(path: Path) -> np.ndarray:
     raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def optdigits(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "test"
-    return (read_idx(directory / f"{prefix}-images-idx3-ubyte.gz"),
-            read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+    return (
+        read_idx(directory / f"{prefix}-images-idx3-ubyte.gz"),
+        read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64),
+    )
 
 
 def as_picture(ink: np.ndarray, size: int = 128) -> Image.Image:
@@ -108,6 +111,7 @@ def build_sets(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Iterato
     if "fonts" in args.sets:
         try:
             from benchmarks import font_digits
+
             fonts = font_digits.find_fonts()
         except ImportError:
             fonts = []
@@ -116,8 +120,10 @@ def build_sets(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Iterato
             for style in sorted(set(styles)):
                 keep = [k for k, s in enumerate(styles) if s == style]
                 chosen = [pictures[k] for k in keep]
-                sets[f"fonts-{style}"] = (lambda chosen=chosen: (png_bytes(p) for p in chosen),
-                                          np.asarray(labels)[keep].astype(np.int64))
+                sets[f"fonts-{style}"] = (
+                    lambda chosen=chosen: (png_bytes(p) for p in chosen),
+                    np.asarray(labels)[keep].astype(np.int64),
+                )
         else:
             print("no handwriting fonts installed: the fonts sets are skipped", file=sys.stderr)
     if "hard" in args.sets:
@@ -129,13 +135,14 @@ def build_sets(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Iterato
             from digitlab.datafiles import find_files
 
             files = find_files(Path(args.data))
-            test_images = read_idx(files["test_images"])[:args.hard_count] if files else None
-            test_labels = read_idx(files["test_labels"])[:args.hard_count].astype(np.int64) if files else None
+            test_images = read_idx(files["test_images"])[: args.hard_count] if files else None
+            test_labels = read_idx(files["test_labels"])[: args.hard_count].astype(np.int64) if files else None
             if test_images is not None:
                 for name in userlike.hard_variants():
                     sets[f"hard-{name}"] = (
                         lambda name=name: (png_bytes(p) for p in userlike.make_hard(test_images, name, seed=0)),
-                        test_labels)
+                        test_labels,
+                    )
     return sets
 
 
@@ -169,14 +176,20 @@ def score_set(predictor, pictures: Iterator[bytes], labels: np.ndarray) -> dict[
     p = np.stack(probabilities)
     right = p.argmax(1) == labels
     right[np.isclose(p.max(1), 0.1)] = False
-    return {"accuracy": float(right.mean()), "ece": calibration.expected_calibration_error(p, labels),
-            "errors": errors, "no_ink": no_ink, "count": len(labels)}
+    return {
+        "accuracy": float(right.mean()),
+        "ece": calibration.expected_calibration_error(p, labels),
+        "errors": errors,
+        "no_ink": no_ink,
+        "count": len(labels),
+    }
 
 
 def score_mnist(run_dir: str, data_dir: str) -> dict[str, float]:
     import torch
 
-    from digitlab import checkpoint, data as datasets
+    from digitlab import checkpoint
+    from digitlab import data as datasets
 
     calibration = _calibration()
     model, info = checkpoint.load(run_dir)
@@ -185,12 +198,16 @@ def score_mnist(run_dir: str, data_dir: str) -> dict[str, float]:
     if info.mean is not None:
         x = (x - info.mean) / info.std
     with torch.inference_mode():
-        logits = torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)]).numpy()
+        logits = torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)]).numpy()
     p = calibration.softmax(logits, float(getattr(info, "temperature", 1.0)))
     labels = data.test_labels.numpy()
-    return {"accuracy": float((p.argmax(1) == labels).mean()),
-            "ece": calibration.expected_calibration_error(p, labels), "errors": 0, "no_ink": 0,
-            "count": len(labels)}
+    return {
+        "accuracy": float((p.argmax(1) == labels).mean()),
+        "ece": calibration.expected_calibration_error(p, labels),
+        "errors": 0,
+        "no_ink": 0,
+        "count": len(labels),
+    }
 
 
 def mean_std(values: list[float]) -> str:
@@ -205,8 +222,9 @@ def main() -> None:
     parser.add_argument("--optdigits", default=str(ROOT.parent / "shared/datasets/optdigits32"))
     parser.add_argument("--optdigits-split", choices=("test", "train"), default="test")
     parser.add_argument("--run", action="append", required=True, help="NAME=DIR[,DIR...]")
-    parser.add_argument("--sets", default="mnist,optdigits,fonts,hard",
-                        help="comma-separated groups: mnist, optdigits, fonts, hard")
+    parser.add_argument(
+        "--sets", default="mnist,optdigits,fonts,hard", help="comma-separated groups: mnist, optdigits, fonts, hard"
+    )
     parser.add_argument("--per-font-digit", type=int, default=12)
     parser.add_argument("--hard-count", type=int, default=1000, help="MNIST test digits per hard variant")
     parser.add_argument("--json", help="also write every figure here")
@@ -230,8 +248,12 @@ def main() -> None:
                 scores[set_name] = score_set(predictor, pictures(), labels)
             for set_name, s in scores.items():
                 results.setdefault(name, {}).setdefault(set_name, []).append(s)
-            print(f"{name} {run_dir}: " + ", ".join(f"{k} {v['accuracy']:.2%}" for k, v in scores.items())
-                  + f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+            print(
+                f"{name} {run_dir}: "
+                + ", ".join(f"{k} {v['accuracy']:.2%}" for k, v in scores.items())
+                + f" ({time.perf_counter() - start:.0f}s)",
+                file=sys.stderr,
+            )
     set_names = list(next(iter(results.values())))
     print("| set | " + " | ".join(f"{n} accuracy | {n} ECE | {n} errors" for n in results) + " |")
     print("| --- |" + " --- | --- | --- |" * len(results))
@@ -241,8 +263,12 @@ def main() -> None:
             rows = results[name].get(set_name, [])
             cells.append(mean_std([r["accuracy"] for r in rows]) if rows else "")
             cells.append(f"{statistics.mean(r['ece'] for r in rows):.4f}" if rows else "")
-            cells.append(f"{statistics.mean(r['errors'] for r in rows):.0f}"
-                         f" ({statistics.mean(r['no_ink'] for r in rows):.0f} no ink)" if rows else "")
+            cells.append(
+                f"{statistics.mean(r['errors'] for r in rows):.0f}"
+                f" ({statistics.mean(r['no_ink'] for r in rows):.0f} no ink)"
+                if rows
+                else ""
+            )
         print(f"| {set_name} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

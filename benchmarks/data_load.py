@@ -84,24 +84,28 @@ def main() -> None:
         tv_train = datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor())
         ours_train, _ = data.datasets(mnist)
         contenders = {
-            "torchvision MNIST + ToTensor, DataLoader(batch_size=64, shuffle=True)":
-                lambda: DataLoader(tv_train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
-            "digitlab MnistDataset, DataLoader(batch_size=64, shuffle=True)":
-                lambda: DataLoader(ours_train, batch_size=64, shuffle=True,
-                                   generator=torch.Generator().manual_seed(0)),
-            "digitlab BatchLoader(batch_size=64), normalised":
-                lambda: data.BatchLoader(mnist.train_images, mnist.train_labels, batch_size=64, seed=0),
+            "torchvision MNIST + ToTensor, DataLoader(batch_size=64, shuffle=True)": lambda: DataLoader(
+                tv_train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+            ),
+            "digitlab MnistDataset, DataLoader(batch_size=64, shuffle=True)": lambda: DataLoader(
+                ours_train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+            ),
+            "digitlab BatchLoader(batch_size=64), normalised": lambda: data.BatchLoader(
+                mnist.train_images, mnist.train_labels, batch_size=64, seed=0
+            ),
         }
         rates = {}
         for name, make in contenders.items():
             loader = make()  # built once, outside the clock, as in training: one loader, many epochs
-            seconds = median_seconds(lambda: draw_batches(loader, args.batches), args.repeats)
+            seconds = median_seconds(lambda loader=loader: draw_batches(loader, args.batches), args.repeats)
             rates[name] = args.batches * 64 / seconds
         setup = median_seconds(contenders["digitlab BatchLoader(batch_size=64), normalised"], args.repeats)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"load 70,000 images: digitlab (from .gz) {load_ours:.3f} s, torchvision (from raw) {load_tv:.3f} s, "
-          f"ratio {load_tv / load_ours:.2f}x")
+    print(
+        f"load 70,000 images: digitlab (from .gz) {load_ours:.3f} s, torchvision (from raw) {load_tv:.3f} s, "
+        f"ratio {load_tv / load_ours:.2f}x"
+    )
     baseline = next(iter(rates.values()))
     for name, rate in rates.items():
         print(f"batches: {rate:>12,.0f} images/s  {rate / baseline:>7.1f}x  {name}")

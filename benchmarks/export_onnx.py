@@ -66,23 +66,28 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     mnist = data.load(args.data, download=False)
-    images, labels = mnist.test_images.numpy()[:args.images], mnist.test_labels.numpy()[:args.images]
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} thread(s), "
-          f"{args.repeats} repeats, medians")
+    images, labels = mnist.test_images.numpy()[: args.images], mnist.test_labels.numpy()[: args.images]
+    print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} thread(s), "
+        f"{args.repeats} repeats, medians"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in args.checkpoint:
             fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             exp.export_onnx(ckpt, fp32)
             exp.export_onnx(ckpt, int8, quantize="int8")
-            runners = {"torch eager": torch_runner(ckpt), "onnxruntime fp32": onnx_runner(fp32, args.threads),
-                       "onnxruntime int8": onnx_runner(int8, args.threads)}
+            runners = {
+                "torch eager": torch_runner(ckpt),
+                "onnxruntime fp32": onnx_runner(fp32, args.threads),
+                "onnxruntime int8": onnx_runner(int8, args.threads),
+            }
             name = checkpoint.read_info(ckpt).model
             print(f"\n{name} ({checkpoint.resolve(ckpt)})")
             print(f"{'batch':>6}  {'contender':<17} {'images/s':>10}  {'vs torch':>8}  {'accuracy':>8}")
             for batch_size in args.batch_sizes:
                 count = min(len(images), 2000) if batch_size == 1 else len(images)
                 pixels = exp.to_pixels(images[:count])  # (N, 1, 28, 28) float32, outside the clock
-                batches = [pixels[i:i + batch_size] for i in range(0, count, batch_size)]
+                batches = [pixels[i : i + batch_size] for i in range(0, count, batch_size)]
                 rates: dict[str, list[float]] = {k: [] for k in runners}
                 accuracy: dict[str, float] = {}
                 for repeat in range(args.repeats):

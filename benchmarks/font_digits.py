@@ -89,8 +89,9 @@ def has_digits(path: Path) -> bool:
         return False
     missing = _glyph_mask(font, "\ue000")  # a private-use code point: the .notdef box (or nothing)
     masks = [_glyph_mask(font, d) for d in DIGITS]
-    if any(m is None or (missing is not None and m.shape == missing.shape and np.array_equal(m, missing))
-           for m in masks):
+    if any(
+        m is None or (missing is not None and m.shape == missing.shape and np.array_equal(m, missing)) for m in masks
+    ):
         return False
     return len({m.tobytes() + bytes(m.shape) for m in masks}) == len(DIGITS)
 
@@ -118,8 +119,7 @@ def _draw_glyph(font_path: Path, digit: str, size: int, stroke: int = 0) -> Imag
     left, top, right, bottom = font.getbbox(digit, stroke_width=stroke)
     pad = 6
     canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 255)
-    ImageDraw.Draw(canvas).text((pad - left, pad - top), digit, font=font, fill=0, stroke_width=stroke,
-                                stroke_fill=0)
+    ImageDraw.Draw(canvas).text((pad - left, pad - top), digit, font=font, fill=0, stroke_width=stroke, stroke_fill=0)
     return canvas
 
 
@@ -179,9 +179,13 @@ def _render_glyph(font_path: Path, digit: str, rng: np.random.Generator) -> Imag
     # Slant (x' = x - shear * (y - h/2), so positive shear leans the top to the right), then rotation.
     w, h = image.size
     extra = int(np.ceil(abs(shear) * h / 2)) + 2
-    image = image.transform((w + 2 * extra, h), Image.Transform.AFFINE,
-                            (1.0, shear, -extra - shear * h / 2, 0.0, 1.0, 0.0),
-                            resample=Image.Resampling.BICUBIC, fillcolor=255)
+    image = image.transform(
+        (w + 2 * extra, h),
+        Image.Transform.AFFINE,
+        (1.0, shear, -extra - shear * h / 2, 0.0, 1.0, 0.0),
+        resample=Image.Resampling.BICUBIC,
+        fillcolor=255,
+    )
     image = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=255)
 
     # Ink darkness: black -> ink, white stays paper white.
@@ -237,8 +241,9 @@ def _present_box(glyph: Image.Image, rng: np.random.Generator) -> Image.Image:
         box_w = box_h = max(box_w, box_h)
     image = Image.new("L", (box_w + 2 * outside, box_h + 2 * outside), 255)
     shade = int(rng.integers(0, 90))
-    ImageDraw.Draw(image).rectangle((outside, outside, outside + box_w - 1, outside + box_h - 1),
-                                    outline=shade, width=line)
+    ImageDraw.Draw(image).rectangle(
+        (outside, outside, outside + box_w - 1, outside + box_h - 1), outline=shade, width=line
+    )
     # The digit in the middle half of the free room inside the box, so never touching the frame.
     free_x = box_w - 2 * line - glyph.width
     free_y = box_h - 2 * line - glyph.height
@@ -268,7 +273,7 @@ def _present_scan16(glyph: Image.Image, rng: np.random.Generator) -> Image.Image
     threshold = min(max(threshold, 40.0), 245.0)
     binary = np.where(arr < threshold, 0, 255).astype(np.uint8)
     page = np.full((16, 16), 255, dtype=np.uint8)
-    page[margin:margin + inner, margin:margin + inner] = binary
+    page[margin : margin + inner, margin : margin + inner] = binary
     scale = int(rng.integers(6, 11))  # 96-160 px
     return Image.fromarray(page, "L").resize((16 * scale, 16 * scale), Image.Resampling.NEAREST)
 
@@ -276,8 +281,9 @@ def _present_scan16(glyph: Image.Image, rng: np.random.Generator) -> Image.Image
 _PRESENT = {"tight": _present_tight, "box": _present_box, "scan16": _present_scan16}
 
 
-def render_set(fonts: list[Path] | None = None, seed: int = 0,
-               per_font_digit: int = 27) -> tuple[list[Image.Image], np.ndarray, list[str]]:
+def render_set(
+    fonts: list[Path] | None = None, seed: int = 0, per_font_digit: int = 27
+) -> tuple[list[Image.Image], np.ndarray, list[str]]:
     """Render every digit per_font_digit times with every font: (images, labels, styles).
 
     Order: font by font (in the order given), then digit 0-9, then the per_font_digit renderings, so image i

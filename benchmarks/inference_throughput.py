@@ -70,8 +70,7 @@ def main() -> None:
         source = "random images"
     x = data.to_input(images, datafiles.MNIST_MEAN, datafiles.MNIST_STD)  # (10000, 1, 28, 28)
     device = torch.device("cpu")
-    print(f"{torch.get_num_threads()} threads, {len(x):,} {source}, batch {args.batch_size}, "
-          f"median of {args.repeats}")
+    print(f"{torch.get_num_threads()} threads, {len(x):,} {source}, batch {args.batch_size}, median of {args.repeats}")
     rates = {"fp32": gemm_gflops(torch.float32, args.repeats), "bf16": gemm_gflops(torch.bfloat16, args.repeats)}
     print(f"GEMM 2048x2048: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
     for name in ("mlp", "cnn"):
@@ -80,16 +79,19 @@ def main() -> None:
             model = model.to(memory_format=torch.channels_last)
         flops = flops_per_image(model)
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            def run() -> None:
+
+            def run(model=model, dtype=dtype) -> None:
                 with torch.inference_mode(), autocast(device, dtype):
                     for start in range(0, len(x), args.batch_size):
-                        model(x[start:start + args.batch_size])
+                        model(x[start : start + args.batch_size])
 
             seconds = median_seconds(run, args.repeats)
             per_second = len(x) / seconds
             achieved = per_second * flops / 1e9
-            print(f"{name} {precision}: {per_second:,.0f} images/s, {flops / 1e6:.2f} MFLOP/image, "
-                  f"{achieved:.0f} GFLOP/s = {achieved / rates[precision]:.0%} of the {precision} GEMM rate")
+            print(
+                f"{name} {precision}: {per_second:,.0f} images/s, {flops / 1e6:.2f} MFLOP/image, "
+                f"{achieved:.0f} GFLOP/s = {achieved / rates[precision]:.0%} of the {precision} GEMM rate"
+            )
 
 
 if __name__ == "__main__":

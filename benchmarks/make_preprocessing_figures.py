@@ -77,8 +77,13 @@ def stages_figure(images: np.ndarray, path: Path) -> None:
             if name == "photo":
                 ax.imshow(_rgb(picture))
             else:
-                ax.imshow(stages[name], cmap="gray", vmin=0, vmax=1,
-                          interpolation="nearest" if name in ("scaled", "final") else "antialiased")
+                ax.imshow(
+                    stages[name],
+                    cmap="gray",
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest" if name in ("scaled", "final") else "antialiased",
+                )
             if row == 0:
                 ax.set_title(STAGE_TITLES.get(name, "the picture"), fontsize=8)
     _save(fig, path)

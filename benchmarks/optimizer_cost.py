@@ -43,8 +43,9 @@ def step_seconds(which: str, steps: int = 200) -> float:
     from digitlab import optim
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)
+    )
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     if which == "torch":

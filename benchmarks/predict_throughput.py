@@ -26,15 +26,24 @@ import numpy as np
 from PIL import Image
 
 from common import add_data_option, mnist_test_set
-
 from digitlab.idx import write_idx
 from userlike import make_userlike
 
 
 def run_predict(checkpoint: str, target: str, device: str, out_path: Path) -> float:
     """Wall seconds of one `digitlab predict --json` run, output to a file."""
-    command = [sys.executable, "-m", "digitlab", "predict", "--checkpoint", checkpoint, "--device", device,
-               "--json", target]
+    command = [
+        sys.executable,
+        "-m",
+        "digitlab",
+        "predict",
+        "--checkpoint",
+        checkpoint,
+        "--device",
+        device,
+        "--json",
+        target,
+    ]
     start = time.perf_counter()
     with out_path.open("wb") as out:
         result = subprocess.run(command, stdout=out, stderr=subprocess.PIPE)
@@ -50,14 +59,25 @@ def accuracy(out_path: Path, labels: np.ndarray) -> float:
     return float(np.mean(np.array(digits) == labels))
 
 
-def time_runs(name: str, checkpoint: str, target: str, device: str, repeats: int, count: int,
-              startup: float, labels: np.ndarray, workdir: Path) -> None:
+def time_runs(
+    name: str,
+    checkpoint: str,
+    target: str,
+    device: str,
+    repeats: int,
+    count: int,
+    startup: float,
+    labels: np.ndarray,
+    workdir: Path,
+) -> None:
     out_path = workdir / f"{name}.jsonl"
     times = [run_predict(checkpoint, target, device, out_path) for _ in range(repeats)]
     median = statistics.median(times)
-    print(f"{name:<22} {count:>6} images  median {median:6.2f} s of {repeats}  "
-          f"{count / median:8.0f} images/s  ({count / max(median - startup, 1e-9):8.0f} images/s without the "
-          f"{startup:.2f} s start-up)  accuracy {accuracy(out_path, labels):.4f}")
+    print(
+        f"{name:<22} {count:>6} images  median {median:6.2f} s of {repeats}  "
+        f"{count / median:8.0f} images/s  ({count / max(median - startup, 1e-9):8.0f} images/s without the "
+        f"{startup:.2f} s start-up)  accuracy {accuracy(out_path, labels):.4f}"
+    )
 
 
 def main() -> int:
@@ -82,15 +102,28 @@ def main() -> int:
         one = workdir / "one.png"
         Image.fromarray(images[0]).save(one)
 
-        startup = statistics.median(run_predict(args.checkpoint, str(one), args.device, workdir / "one.jsonl")
-                                    for _ in range(args.repeats))
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, "
-              f"checkpoint {args.checkpoint}")
+        startup = statistics.median(
+            run_predict(args.checkpoint, str(one), args.device, workdir / "one.jsonl") for _ in range(args.repeats)
+        )
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, "
+            f"checkpoint {args.checkpoint}"
+        )
         print(f"start-up (one image)   median {startup:.2f} s of {args.repeats}")
-        time_runs("IDX file", args.checkpoint, str(idx), args.device, args.repeats, len(images), startup, labels,
-                  workdir)
-        time_runs("folder of PNGs", args.checkpoint, str(folder), args.device, args.repeats, len(images), startup,
-                  labels, workdir)
+        time_runs(
+            "IDX file", args.checkpoint, str(idx), args.device, args.repeats, len(images), startup, labels, workdir
+        )
+        time_runs(
+            "folder of PNGs",
+            args.checkpoint,
+            str(folder),
+            args.device,
+            args.repeats,
+            len(images),
+            startup,
+            labels,
+            workdir,
+        )
         if args.userlike:
             photos = workdir / "photos"
             photos.mkdir()
@@ -98,8 +131,17 @@ def main() -> int:
                 (photos / f"{i:05d}.{'jpg' if render.format == 'jpeg' else 'png'}").write_bytes(render.data)
             size = sum(p.stat().st_size for p in photos.iterdir()) / args.userlike / 1000
             print(f"user-like photos: {args.userlike} files, {size:.0f} kB each on average")
-            time_runs("folder of photos", args.checkpoint, str(photos), args.device, args.repeats, args.userlike,
-                      startup, labels[: args.userlike], workdir)
+            time_runs(
+                "folder of photos",
+                args.checkpoint,
+                str(photos),
+                args.device,
+                args.repeats,
+                args.userlike,
+                startup,
+                labels[: args.userlike],
+                workdir,
+            )
     return 0
 
 

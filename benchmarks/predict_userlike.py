@@ -37,8 +37,9 @@ def naive(data: bytes) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def _predict_share(checkpoint: str, images: np.ndarray, seed: int,
-                   start: int) -> list[tuple[int | None, int, str, str | None]]:
+def _predict_share(
+    checkpoint: str, images: np.ndarray, seed: int, start: int
+) -> list[tuple[int | None, int, str, str | None]]:
     """Render images[i] (the test set's image start + i) and read it: [(digit, naive digit, kind, error)]."""
     import torch
 
@@ -71,8 +72,10 @@ def main() -> int:
     chunk = -(-n // (args.workers * 4))
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(_predict_share, args.checkpoint, images[i:i + chunk], args.seed, i)
-                   for i in range(0, n, chunk)]
+        futures = [
+            pool.submit(_predict_share, args.checkpoint, images[i : i + chunk], args.seed, i)
+            for i in range(0, n, chunk)
+        ]
         results = [row for f in futures for row in f.result()]
     userlike_seconds = time.perf_counter() - start
 
@@ -84,12 +87,16 @@ def main() -> int:
     for (d, _, kind, _), label in zip(results, labels):
         kinds[kind].append(d == label)
 
-    print(f"checkpoint   {args.checkpoint} ({predictor.info.model}, recorded test accuracy "
-          f"{predictor.info.metrics.get('test_accuracy', float('nan')):.4f})")
+    print(
+        f"checkpoint   {args.checkpoint} ({predictor.info.model}, recorded test accuracy "
+        f"{predictor.info.metrics.get('test_accuracy', float('nan')):.4f})"
+    )
     print(f"images       {n} MNIST test images, user-like seed {args.seed}, {args.workers} worker processes")
     print(f"clean        accuracy {clean_accuracy:.4f}  (predict on the IDX file, {clean_seconds:.1f} s)")
-    print(f"user-like    accuracy {userlike_accuracy:.4f}  (render + decode + preprocess + predict, "
-          f"{userlike_seconds:.1f} s, {n / userlike_seconds:.0f} images/s)")
+    print(
+        f"user-like    accuracy {userlike_accuracy:.4f}  (render + decode + preprocess + predict, "
+        f"{userlike_seconds:.1f} s, {n / userlike_seconds:.0f} images/s)"
+    )
     print(f"gap          {100 * (clean_accuracy - userlike_accuracy):+.2f} points (target: at most 1.50)")
     print(f"naive        accuracy {naive_accuracy:.4f}  (the same photos through grayscale, invert, resize to 28x28)")
     print(f"failed       {len(errors)} inputs" + (f", first: {errors[0]}" if errors else ""))

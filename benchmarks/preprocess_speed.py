@@ -69,8 +69,9 @@ def old_fill_dips(bg: np.ndarray) -> np.ndarray:
     marker[0], marker[-1], marker[:, 0], marker[:, -1] = bg[0], bg[-1], bg[:, 0], bg[:, -1]
     for _ in range(h + w):
         eroded = marker.copy()
-        eroded[1:-1, 1:-1] = np.minimum.reduce([marker[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
-                                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        eroded[1:-1, 1:-1] = np.minimum.reduce(
+            [marker[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        )
         new = np.maximum(eroded, bg)
         if np.array_equal(new, marker):
             break
@@ -111,7 +112,7 @@ def old_label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     unique, compact = np.unique(roots, return_inverse=True)
     labels = np.zeros((h, w), dtype=np.int32)
     for k in range(n):
-        labels[rows_s[k], starts[k]:ends[k]] = compact[k] + 1
+        labels[rows_s[k], starts[k] : ends[k]] = compact[k] + 1
     return labels, len(unique)
 
 
@@ -134,8 +135,13 @@ def scipy_fill_dips(bg: np.ndarray) -> np.ndarray:
 
 SCIPY_ONLY_HERE = {"_fill_dips": scipy_fill_dips}  # compared, but preprocessing keeps the numpy version
 
-OLD = {"_max_filter": old_max_filter, "_min_filter": old_min_filter, "_box_blur": old_box_blur,
-       "_fill_dips": old_fill_dips, "label_components": old_label_components}
+OLD = {
+    "_max_filter": old_max_filter,
+    "_min_filter": old_min_filter,
+    "_box_blur": old_box_blur,
+    "_fill_dips": old_fill_dips,
+    "label_components": old_label_components,
+}
 
 
 @contextmanager
@@ -158,6 +164,7 @@ def record_calls(pictures: list[np.ndarray]) -> dict[str, list[tuple]]:
         def wrapped(*args):
             calls[name].append(tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args))
             return f(*args)
+
         return wrapped
 
     with patched({name: recorder(name, getattr(pp, name)) for name in OLD}):
@@ -201,8 +208,10 @@ def main() -> None:
             per_picture[label] = [seconds(pp.preprocess, (p,), args.repeats) for p in pictures]
     m_old, m_new = (1e3 * float(np.median(per_picture[k])) for k in ("old", "scipy"))
     s_old, s_new = (float(np.sum(per_picture[k])) for k in ("old", "scipy"))
-    print(f"preprocess, per picture: old {m_old:.1f} ms, scipy {m_new:.1f} ms median "
-          f"(x{m_old / m_new:.1f}); all {len(pictures)}: old {s_old:.2f} s, scipy {s_new:.2f} s (x{s_old / s_new:.1f})")
+    print(
+        f"preprocess, per picture: old {m_old:.1f} ms, scipy {m_new:.1f} ms median "
+        f"(x{m_old / m_new:.1f}); all {len(pictures)}: old {s_old:.2f} s, scipy {s_new:.2f} s (x{s_old / s_new:.1f})"
+    )
 
 
 if __name__ == "__main__":

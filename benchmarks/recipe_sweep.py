@@ -29,12 +29,18 @@ def main() -> None:
             setting = json.loads(text)
             vals = []
             for seed in [int(s) for s in args.seeds.split(",")]:
-                run = train(TrainConfig(model=args.model, data=args.data, out=f"{tmp}/{n}-{seed}", quiet=True,
-                                        seed=seed, **setting))
+                run = train(
+                    TrainConfig(
+                        model=args.model, data=args.data, out=f"{tmp}/{n}-{seed}", quiet=True, seed=seed, **setting
+                    )
+                )
                 seconds = sum(r["epoch_seconds"] for r in run.history)
                 vals.append(run.best_val_accuracy)
-                print(f"{text}  seed {seed}: val {run.best_val_accuracy:.2%}  test {run.test_accuracy:.2%}  "
-                      f"train {seconds:.1f} s", flush=True)
+                print(
+                    f"{text}  seed {seed}: val {run.best_val_accuracy:.2%}  test {run.test_accuracy:.2%}  "
+                    f"train {seconds:.1f} s",
+                    flush=True,
+                )
             print(f"{text}  mean val {statistics.mean(vals):.2%}", flush=True)
 
 

@@ -87,8 +87,10 @@ def encode(host: str, port: int, path: str, **kwargs) -> Request:
 
 def requests_for(scenario: str, images: list[np.ndarray], host: str, port: int) -> list[Request]:
     if scenario == "pixels":
-        return [encode(host, port, "/api/predict", json={"pixels": (img / 255.0).round(4).ravel().tolist()})
-                for img in images]
+        return [
+            encode(host, port, "/api/predict", json={"pixels": (img / 255.0).round(4).ravel().tolist()})
+            for img in images
+        ]
     path = "/api/predict?explain=true" if scenario == "upload+explain" else "/api/predict"
     return [encode(host, port, path, files={"file": ("digit.png", png(img), "image/png")}) for img in images]
 
@@ -103,8 +105,11 @@ def random_checkpoint(directory: Path, model: str = "mlp") -> Path:
 
     torch.manual_seed(0)
     base = directory / f"random-{model}"
-    checkpoint.save(base, build_model(model), CheckpointInfo(model=model, model_config={}, mean=0.1307,
-                                                             std=0.3081, class_names=[str(d) for d in range(10)]))
+    checkpoint.save(
+        base,
+        build_model(model),
+        CheckpointInfo(model=model, model_config={}, mean=0.1307, std=0.3081, class_names=[str(d) for d in range(10)]),
+    )
     return base.with_suffix(".safetensors")
 
 
@@ -116,9 +121,27 @@ def random_checkpoint(directory: Path, model: str = "mlp") -> Path:
 def start_server(checkpoint: Path, device: str) -> tuple[subprocess.Popen, str]:
     """`digitlab serve` on 127.0.0.1, any free port; returns the process and its URL once /healthz answers."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "digitlab", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-         "--port", "0", "--device", device, "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=None, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            "-m",
+            "digitlab",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     line = proc.stdout.readline()
     if " on http://127.0.0.1:" not in line:
         proc.kill()
@@ -166,9 +189,11 @@ class Result:
 
     def row(self) -> str:
         rate = self.requests / self.seconds if self.seconds else 0.0
-        return (f"| {self.scenario} | {self.clients} | {self.requests} | {self.seconds:.1f} | {rate:.0f} | "
-                f"{self.percentile(50):.1f} | {self.percentile(90):.1f} | {self.percentile(99):.1f} | "
-                f"{max(self.latencies) * 1000 if self.latencies else float('nan'):.1f} | {self.errors} |")
+        return (
+            f"| {self.scenario} | {self.clients} | {self.requests} | {self.seconds:.1f} | {rate:.0f} | "
+            f"{self.percentile(50):.1f} | {self.percentile(90):.1f} | {self.percentile(99):.1f} | "
+            f"{max(self.latencies) * 1000 if self.latencies else float('nan'):.1f} | {self.errors} |"
+        )
 
 
 class Connection:
@@ -203,8 +228,16 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def run_scenario(host: str, port: int, scenario: str, requests: list[Request], clients: int,
-                       duration: float, max_requests: int, warmup: int) -> Result:
+async def run_scenario(
+    host: str,
+    port: int,
+    scenario: str,
+    requests: list[Request],
+    clients: int,
+    duration: float,
+    max_requests: int,
+    warmup: int,
+) -> Result:
     result = Result(scenario, clients)
     connections = [Connection(host, port) for _ in range(clients)]
     for i in range(warmup):  # first requests open connections and warm torch's kernels
@@ -225,7 +258,7 @@ async def run_scenario(host: str, port: int, scenario: str, requests: list[Reque
                 status, body = await asyncio.wait_for(connections[k].request(request), timeout=30)
                 ok = status == 200 and json.loads(body).get("digit") in range(10)
                 why = "" if ok else f"HTTP {status}: {body[:200]!r}"
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
                 connections[k].close()
                 ok, why = False, f"{exc.__class__.__name__}: {exc}"
             if ok:
@@ -287,11 +320,13 @@ def costs() -> None:
             def occlusion(x: np.ndarray = x, predictor: Predictor = predictor) -> None:
                 batch = np.repeat(x[None], len(PATCHES), axis=0)
                 for k, (i, j) in enumerate(PATCHES):
-                    batch[k, i:i + 4, j:j + 4] = 0
+                    batch[k, i : i + 4, j : j + 4] = 0
                 predictor.predict_arrays(batch)
 
-            for label, run in [("integrated gradients, 32 steps", lambda x=x, p=predictor: p.saliency(x)),
-                               (f"occlusion, {len(PATCHES)} patches", occlusion)]:
+            for label, run in [
+                ("integrated gradients, 32 steps", lambda x=x, p=predictor: p.saliency(x)),
+                (f"occlusion, {len(PATCHES)} patches", occlusion),
+            ]:
                 run()
                 times = []
                 for _ in range(20):
@@ -302,10 +337,13 @@ def costs() -> None:
         png_path = Path(tmp) / "big.png"
         png_path.write_bytes(big_png(6320, 6320))
         for way in ("before", "after"):
-            out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, way, str(png_path)], capture_output=True,
-                                 text=True, check=True)
-            print(f"6320x6320 RGBA PNG ({png_path.stat().st_size / 1000:.0f} kB), {way}: peak memory grew "
-                  f"{float(out.stdout.strip()):.0f} MB")
+            out = subprocess.run(
+                [sys.executable, "-c", MEMORY_SCRIPT, way, str(png_path)], capture_output=True, text=True, check=True
+            )
+            print(
+                f"6320x6320 RGBA PNG ({png_path.stat().st_size / 1000:.0f} kB), {way}: peak memory grew "
+                f"{float(out.stdout.strip()):.0f} MB"
+            )
 
 
 def main() -> None:
@@ -334,16 +372,24 @@ def main() -> None:
         host, port = url.removeprefix("http://").rsplit(":", 1)[0], int(url.rsplit(":", 1)[1])
         try:
             model = httpx.get(f"{url}/api/model", timeout=10).json()
-            print(f"server: {url}, model {model['model']} ({model['parameters']:,} parameters) on "
-                  f"{model['device']}; {os.cpu_count()} CPUs; {args.clients} clients, <= {args.duration:g} s and "
-                  f"<= {args.max_requests} requests per scenario", flush=True)
-            print("\n| scenario | clients | requests | seconds | requests/s | p50 ms | p90 ms | p99 ms | max ms | "
-                  "errors |\n|---|---|---|---|---|---|---|---|---|---|")
+            print(
+                f"server: {url}, model {model['model']} ({model['parameters']:,} parameters) on "
+                f"{model['device']}; {os.cpu_count()} CPUs; {args.clients} clients, <= {args.duration:g} s and "
+                f"<= {args.max_requests} requests per scenario",
+                flush=True,
+            )
+            print(
+                "\n| scenario | clients | requests | seconds | requests/s | p50 ms | p90 ms | p99 ms | max ms | "
+                "errors |\n|---|---|---|---|---|---|---|---|---|---|"
+            )
             results = []
             for scenario in scenarios:
                 requests = requests_for(scenario, images, host, port)
-                result = asyncio.run(run_scenario(host, port, scenario, requests, args.clients, args.duration,
-                                                  args.max_requests, args.warmup))
+                result = asyncio.run(
+                    run_scenario(
+                        host, port, scenario, requests, args.clients, args.duration, args.max_requests, args.warmup
+                    )
+                )
                 results.append(result)
                 print(result.row(), flush=True)
         finally:

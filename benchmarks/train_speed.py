@@ -81,21 +81,29 @@ def contenders(task: str, data_dir: Path, root: Path, out: Path, competitor_epoc
     digitlab = [py, "-m", "digitlab", "train", "--data", str(data_dir)]
     if task == "mlp":
         return 0.98, [
-            ("tutorial (torchvision + DataLoader, Adam 1e-3, batch 64)",
-             [py, str(HERE / "competitors" / "tutorial_mlp.py"), str(root), str(competitor_epochs or 10)]),
+            (
+                "tutorial (torchvision + DataLoader, Adam 1e-3, batch 64)",
+                [py, str(HERE / "competitors" / "tutorial_mlp.py"), str(root), str(competitor_epochs or 10)],
+            ),
             ("digitlab train --model mlp", digitlab + ["--model", "mlp", "--out", str(out / "mlp")]),
         ]
     if task == "cnn-fast":
         return 0.99, [
-            ("pytorch/examples CNN (Adadelta, StepLR, batch 64)",
-             [py, str(HERE / "competitors" / "pytorch_examples_cnn.py"), str(root), str(competitor_epochs or 14)]),
-            ("digitlab train --model cnn " + " ".join(CNN_FAST), digitlab + ["--model", "cnn", *CNN_FAST, "--out",
-                                                                               str(out / "cnn-fast")]),
+            (
+                "pytorch/examples CNN (Adadelta, StepLR, batch 64)",
+                [py, str(HERE / "competitors" / "pytorch_examples_cnn.py"), str(root), str(competitor_epochs or 14)],
+            ),
+            (
+                "digitlab train --model cnn " + " ".join(CNN_FAST),
+                digitlab + ["--model", "cnn", *CNN_FAST, "--out", str(out / "cnn-fast")],
+            ),
         ]
     if task == "cnn":
         return 0.995, [
-            ("pytorch/examples CNN (Adadelta, StepLR, batch 64)",
-             [py, str(HERE / "competitors" / "pytorch_examples_cnn.py"), str(root), str(competitor_epochs or 14)]),
+            (
+                "pytorch/examples CNN (Adadelta, StepLR, batch 64)",
+                [py, str(HERE / "competitors" / "pytorch_examples_cnn.py"), str(root), str(competitor_epochs or 14)],
+            ),
             ("digitlab train --model cnn", digitlab + ["--model", "cnn", "--out", str(out / "cnn")]),
         ]
     raise SystemExit(f"unknown task {task!r}")
@@ -110,11 +118,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="dir with the four MNIST .gz files")
     parser.add_argument("--task", choices=["mlp", "cnn-fast", "cnn"], default="mlp")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--competitor-epochs", type=int, default=None,
-                        help="cap the competitor's epochs (it stops anyway at its recipe's count)")
+    parser.add_argument(
+        "--competitor-epochs",
+        type=int,
+        default=None,
+        help="cap the competitor's epochs (it stops anyway at its recipe's count)",
+    )
     parser.add_argument("--skip-competitor", action="store_true")
-    parser.add_argument("--full-competitor", action="store_true",
-                        help="let the competitor run all its epochs (default: stop it once it reaches the target)")
+    parser.add_argument(
+        "--full-competitor",
+        action="store_true",
+        help="let the competitor run all its epochs (default: stop it once it reaches the target)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="digitlab-bench-") as tmp_name:
@@ -130,8 +145,11 @@ def main() -> None:
                 is_competitor = not name.startswith("digitlab")
                 result = run_and_watch(name, command, target, HERE.parent, is_competitor and not args.full_competitor)
                 results[name].append(result)
-                print(f"[{repeat + 1}/{args.repeats}] {name}: {target:.1%} at {fmt(result.seconds_to_target)}, "
-                      f"last printed {result.final_accuracy:.2%}, process {result.wall_seconds:.2f} s", flush=True)
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {name}: {target:.1%} at {fmt(result.seconds_to_target)}, "
+                    f"last printed {result.final_accuracy:.2%}, process {result.wall_seconds:.2f} s",
+                    flush=True,
+                )
 
     print(f"\nmedians over {args.repeats} run(s), target test accuracy {target:.1%}, {os.cpu_count()} CPU cores:")
     medians = {}
@@ -139,8 +157,9 @@ def main() -> None:
         times = [r.seconds_to_target for r in rs]
         median = statistics.median(times) if None not in times else None
         medians[name] = median
-        print(f"  {name}: time to target {fmt(median)}, last test accuracy printed {statistics.median(r.final_accuracy for r in rs):.2%}, "
-              f"process wall {statistics.median(r.wall_seconds for r in rs):.2f} s")
+        accuracy = statistics.median(r.final_accuracy for r in rs)
+        wall = statistics.median(r.wall_seconds for r in rs)
+        print(f"  {name}: time to target {fmt(median)}, last test accuracy {accuracy:.2%}, process wall {wall:.2f} s")
     names = list(medians)
     if len(names) == 2 and None not in medians.values():
         print(f"  speed-up of digitlab: {medians[names[0]] / medians[names[1]]:.1f}x")

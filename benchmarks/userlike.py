@@ -76,7 +76,7 @@ def _lighting(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """A brightness gradient across the page and, usually, a soft shadow (a hand or a phone)."""
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi)
-    along = (np.cos(theta) * xs + np.sin(theta) * ys)
+    along = np.cos(theta) * xs + np.sin(theta) * ys
     along = (along - along.min()) / max(float(np.ptp(along)), 1.0)
     light = 1.0 - float(rng.uniform(0.1, 0.4)) * along
     if rng.random() < 0.7:
@@ -110,7 +110,7 @@ def _place(ink: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndar
     y = int(rng.integers(my, max(my + 1, h - th - my)))
     x = int(rng.integers(mx, max(mx + 1, w - tw - mx)))
     page = np.zeros((h, w), dtype=np.float32)
-    region = page[y:y + th, x:x + tw]
+    region = page[y : y + th, x : x + tw]
     region[...] = tile[: region.shape[0], : region.shape[1]]
     return page
 
@@ -206,6 +206,7 @@ def make_userlike(images: np.ndarray, seed: int = 0, start: int = 0, workers: in
     workers > 1 renders on that many threads (numpy and Pillow release the GIL: about 2x on 2 cores), in
     order, with every picture held in memory until it is consumed.
     """
+
     def one(i: int) -> Render:
         return render(np.asarray(images[i], dtype=np.uint8), np.random.default_rng([seed, start + i]))
 
@@ -225,7 +226,7 @@ def _strokes(digit: np.ndarray, rng: np.random.Generator, size: int | None = Non
     """The digit as pen strokes (float in [0, 1], ink = 1), cropped tight to its ink."""
     ink = _ink_map(digit, size or int(rng.integers(120, 280)), rng)
     rows, cols = np.nonzero(ink > 0.05)
-    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
 
 def _paper(ink: np.ndarray, rng: np.random.Generator, pen: float | None = None, noise: float = 0.01) -> Image.Image:
@@ -258,7 +259,7 @@ def _binary_scan(digit: np.ndarray, rng: np.random.Generator, cells: int) -> Ima
     small = np.asarray(Image.fromarray(ink).resize((min(cells, width), cells), Image.Resampling.BOX))
     box = np.zeros((cells, cells), np.float32)
     left = (cells - small.shape[1]) // 2
-    box[:, left:left + small.shape[1]] = small > float(rng.uniform(0.3, 0.45))
+    box[:, left : left + small.shape[1]] = small > float(rng.uniform(0.3, 0.45))
     side = int(rng.integers(96, 161))
     u8 = np.rint((1 - box) * 255).astype(np.uint8)
     return Image.fromarray(u8).resize((side, side), Image.Resampling.NEAREST)
@@ -335,10 +336,10 @@ def boxed(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     outside = int(rng.integers(0, 10))
     size_y, size_x = h + 2 * (gap_y + line + outside), w + 2 * (gap_x + line + outside)
     page = np.zeros((size_y, size_x), np.float32)
-    page[outside + line + gap_y:outside + line + gap_y + h, outside + line + gap_x:outside + line + gap_x + w] = ink
+    page[outside + line + gap_y : outside + line + gap_y + h, outside + line + gap_x : outside + line + gap_x + w] = ink
     box = np.zeros_like(page)
-    box[outside:size_y - outside, outside:size_x - outside] = 1.0
-    box[outside + line:size_y - outside - line, outside + line:size_x - outside - line] = 0.0
+    box[outside : size_y - outside, outside : size_x - outside] = 1.0
+    box[outside + line : size_y - outside - line, outside + line : size_x - outside - line] = 0.0
     level = float(rng.uniform(0.0, 0.5))  # the box's lines: black, or grey (a printed form)
     value = np.minimum(1 - page, 1 - box * (1 - level))
     value = value * float(rng.uniform(0.88, 1.0)) + 0.01 * rng.standard_normal(value.shape)

@@ -46,7 +46,7 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
     for i, label in enumerate(labels):
         row = 4 + 2 * int(label)
-        images[i, row:row + 3, 6:22] = 255
+        images[i, row : row + 3, 6:22] = 255
     return images, labels
 
 
@@ -89,8 +89,15 @@ def run_main(monkeypatch, capsys, *args: str, stdin: bytes | None = None) -> tup
     return code, captured.out, captured.err
 
 
-def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict | None = None, epoch: int = 0,
-                           random_batch_norm: bool = False, temperature: float = 1.0) -> Path:
+def save_random_checkpoint(
+    base: Path,
+    name: str,
+    seed: int = 0,
+    metrics: dict | None = None,
+    epoch: int = 0,
+    random_batch_norm: bool = False,
+    temperature: float = 1.0,
+) -> Path:
     """An untrained, seeded model saved as a real checkpoint at `base` (e.g. DIR/best); returns its .safetensors.
 
     random_batch_norm: give the CNN's batch-norm running statistics non-trivial values, so that they matter.
@@ -107,8 +114,15 @@ def save_random_checkpoint(base: Path, name: str, seed: int = 0, metrics: dict |
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
-    info = checkpoint.CheckpointInfo(model=name, model_config={}, mean=datafiles.MNIST_MEAN, std=datafiles.MNIST_STD,
-                                     class_names=[str(d) for d in range(10)], metrics=dict(metrics or {}),
-                                     epoch=epoch, temperature=temperature)
+    info = checkpoint.CheckpointInfo(
+        model=name,
+        model_config={},
+        mean=datafiles.MNIST_MEAN,
+        std=datafiles.MNIST_STD,
+        class_names=[str(d) for d in range(10)],
+        metrics=dict(metrics or {}),
+        epoch=epoch,
+        temperature=temperature,
+    )
     checkpoint.save(base, model, info)
     return Path(base).with_suffix(".safetensors")

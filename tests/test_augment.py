@@ -10,14 +10,26 @@ import torch
 from digitlab import augment
 from digitlab.augment import AugmentConfig, augment_batch
 
-NONE = AugmentConfig(style_strokes=0, thicker=0, thinner=0, degrees=0, shear=0, scale=0, shift_px=0, stretch=0,
-                     elastic=0, low_resolution=0, binarise=0, cut_edge=0)
+NONE = AugmentConfig(
+    style_strokes=0,
+    thicker=0,
+    thinner=0,
+    degrees=0,
+    shear=0,
+    scale=0,
+    shift_px=0,
+    stretch=0,
+    elastic=0,
+    low_resolution=0,
+    binarise=0,
+    cut_edge=0,
+)
 
 
 def bar(b: int = 4, top: int = 4, bottom: int = 23, left: int = 12, right: int = 15) -> torch.Tensor:
     """A batch of upright bars (a plain "1"), ink 1 on 0: (B, 1, 28, 28)."""
     x = torch.zeros(b, 1, 28, 28)
-    x[:, :, top:bottom + 1, left:right + 1] = 1.0
+    x[:, :, top : bottom + 1, left : right + 1] = 1.0
     return x
 
 

@@ -26,8 +26,15 @@ from digitlab.models import build_model
 pytestmark = [pytest.mark.browser, pytest.mark.realdata]
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 TIMEOUT_MS = 15_000
 
 
@@ -47,7 +54,7 @@ def trained_checkpoint(mnist, tmp_path_factory) -> Path:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     model.train()
     for start in range(0, len(x), 128):
-        batch = order[start:start + 128]
+        batch = order[start : start + 128]
         loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
         loss.backward()
@@ -57,8 +64,15 @@ def trained_checkpoint(mnist, tmp_path_factory) -> Path:
         test_x = data.to_input(mnist.test_images, data.MNIST_MEAN, data.MNIST_STD)
         accuracy = (model(test_x).argmax(1) == mnist.test_labels).float().mean().item()
     base = tmp_path_factory.mktemp("browser-ckpt") / "best"
-    info = CheckpointInfo(model="mlp", model_config={}, mean=data.MNIST_MEAN, std=data.MNIST_STD,
-                          class_names=[str(d) for d in range(10)], metrics={"test_accuracy": accuracy}, epoch=1)
+    info = CheckpointInfo(
+        model="mlp",
+        model_config={},
+        mean=data.MNIST_MEAN,
+        std=data.MNIST_STD,
+        class_names=[str(d) for d in range(10)],
+        metrics={"test_accuracy": accuracy},
+        epoch=1,
+    )
     checkpoint.save(base, model, info)
     return base.with_suffix(".safetensors")
 
@@ -179,7 +193,8 @@ def test_drawing_with_the_mouse_shows_a_digit_bars_and_the_layers(browser, serve
     expect(page.locator("#inside .logits li")).to_have_count(10)
     lit = page.locator("#inside canvas.heatmap.units").first.evaluate(
         "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
-        ".filter((v, i) => i % 4 === 0 && v > 100).length")
+        ".filter((v, i) => i % 4 === 0 && v > 100).length"
+    )
     assert lit > 0  # some hidden units light up
     page.screenshot(path=str(tmp_path / "desktop-drawing.png"), full_page=True)
 
@@ -221,8 +236,14 @@ def test_uploading_an_mnist_test_digit_shows_its_label(browser, server_url, pred
 def test_phone_touch_and_keyboard(browser, server_url, tmp_path):
     from playwright.sync_api import expect
 
-    context, page, console = open_page(browser, server_url, viewport={"width": 390, "height": 844},
-                                       has_touch=True, is_mobile=True, device_scale_factor=2)
+    context, page, console = open_page(
+        browser,
+        server_url,
+        viewport={"width": 390, "height": 844},
+        has_touch=True,
+        is_mobile=True,
+        device_scale_factor=2,
+    )
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
     box = page.locator("#pad").bounding_box()
     assert box["width"] <= 390
@@ -259,7 +280,8 @@ def mnist_png(mnist, tmp_path: Path, index: int = 0) -> Path:
 def pad_pixels(page) -> list[int]:
     """The red channel of the pad's 280x280 pixels, row by row."""
     return page.locator("#pad").evaluate(
-        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).filter((v, i) => i % 4 === 0)")
+        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).filter((v, i) => i % 4 === 0)"
+    )
 
 
 def test_drawing_after_an_upload_starts_a_new_drawing(browser, server_url, mnist, tmp_path):
@@ -306,8 +328,9 @@ def test_failed_upload_clears_the_previous_answer(browser, server_url, tmp_path)
     assert all("400" in e for e in console.errors), console.errors
 
 
-@pytest.mark.parametrize("path, ready", [("", "#model-info"), ("docs", ".swagger-ui .opblock"),
-                                         ("redoc", "text=Read one digit")])
+@pytest.mark.parametrize(
+    "path, ready", [("", "#model-info"), ("docs", ".swagger-ui .opblock"), ("redoc", "text=Read one digit")]
+)
 def test_no_request_to_another_host(browser, server_url, path, ready):
     from playwright.sync_api import expect
 
@@ -330,8 +353,14 @@ def test_no_request_to_another_host(browser, server_url, path, ready):
 def test_narrow_phone_layout_and_header(browser, server_url):
     from playwright.sync_api import expect
 
-    context, page, console = open_page(browser, server_url, viewport={"width": 320, "height": 640},
-                                       has_touch=True, is_mobile=True, device_scale_factor=2)
+    context, page, console = open_page(
+        browser,
+        server_url,
+        viewport={"width": 320, "height": 640},
+        has_touch=True,
+        is_mobile=True,
+        device_scale_factor=2,
+    )
     draw_stroke(page, [(0.5, 0.15), (0.5, 0.85)])  # a 1
     expect(page.locator("#bars .bar-value").first).not_to_have_text("")
     expect(page.locator("#result")).to_be_visible()
@@ -343,7 +372,8 @@ def test_narrow_phone_layout_and_header(browser, server_url):
     header = page.locator("#model-info").inner_text()
     assert header.count("parameters") == 1, header
     visible_status = page.locator("#status").evaluate(
-        "s => Array.from(s.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('')")
+        "s => Array.from(s.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('')"
+    )
     assert "Prediction" not in visible_status and "%" not in visible_status  # the big digit says it already
     expect(page.locator("#status")).to_contain_text("Prediction:")  # ... and screen readers hear it
     context.close()
@@ -353,8 +383,14 @@ def test_narrow_phone_layout_and_header(browser, server_url):
 def test_phone_shows_the_bars_while_drawing(browser, server_url):
     from playwright.sync_api import expect
 
-    context, page, console = open_page(browser, server_url, viewport={"width": 390, "height": 844},
-                                       has_touch=True, is_mobile=True, device_scale_factor=2)
+    context, page, console = open_page(
+        browser,
+        server_url,
+        viewport={"width": 390, "height": 844},
+        has_touch=True,
+        is_mobile=True,
+        device_scale_factor=2,
+    )
     draw_stroke(page, [(0.3, 0.25), (0.7, 0.25), (0.45, 0.85)])
     expect(page.locator("#bars .bar-value").first).not_to_have_text("")
     assert page.evaluate("window.scrollY") == 0
@@ -370,13 +406,13 @@ def test_small_drawing_gets_a_thinner_pen_and_a_hint(browser, server_url):
     context, page, console = open_page(browser, server_url, viewport={"width": 1280, "height": 800})
     draw_stroke(page, [(0.1, 0.05), (0.1, 0.25)])  # a tiny 1 in a corner: 56 px tall
     expect(page.locator("#size-hint")).to_be_visible()
-    row = pad_pixels(page)[40 * 280:41 * 280]
+    row = pad_pixels(page)[40 * 280 : 41 * 280]
     thin = sum(v > 128 for v in row)
     assert 4 <= thin <= 12, thin  # the pen follows the drawing's size: ~12% of it, not 22 px
     page.get_by_role("button", name="Clear").click()
     draw_stroke(page, [(0.5, 0.1), (0.5, 0.9)])
     expect(page.locator("#size-hint")).to_be_hidden()
-    wide = sum(v > 128 for v in pad_pixels(page)[140 * 280:141 * 280])
+    wide = sum(v > 128 for v in pad_pixels(page)[140 * 280 : 141 * 280])
     assert wide >= 20, wide
     context.close()
     assert console.errors == []
@@ -393,7 +429,8 @@ def test_why_view_names_the_runner_up_and_draws_the_saliency(browser, server_url
     assert match and match.group(1) == page.locator("#digit").inner_text() and match.group(1) != match.group(2)
     coloured = page.locator("#why-map").evaluate(
         "c => { const d = c.getContext('2d').getImageData(0, 0, 28, 28).data; let n = 0;"
-        " for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - d[i + 2]) > 60) n++; return n; }")
+        " for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - d[i + 2]) > 60) n++; return n; }"
+    )
     assert coloured > 10  # orange and blue pixels over the grey digit
     expect(page.locator("#calibration")).to_contain_text("not calibrated")  # this checkpoint has no temperature
     headings = page.locator("#inside h3").all_inner_texts()
@@ -459,8 +496,14 @@ def test_screenshots_for_the_docs(browser, server_url, tmp_path):
     page.screenshot(path=str(out / "serving-desktop.png"), full_page=True)
     page.locator(".result").screenshot(path=str(out / "serving-why.png"))
     context.close()
-    context, page, _ = open_page(browser, server_url, viewport={"width": 390, "height": 844},
-                                 has_touch=True, is_mobile=True, device_scale_factor=2)
+    context, page, _ = open_page(
+        browser,
+        server_url,
+        viewport={"width": 390, "height": 844},
+        has_touch=True,
+        is_mobile=True,
+        device_scale_factor=2,
+    )
     draw_stroke(page, seven)
     expect(page.locator("#why")).to_be_visible()
     page.wait_for_timeout(300)

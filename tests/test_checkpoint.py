@@ -15,8 +15,14 @@ from digitlab.models import build_model
 
 
 def info_for(model: str) -> CheckpointInfo:
-    return CheckpointInfo(model=model, model_config={}, mean=0.1307, std=0.3081,
-                          class_names=[str(d) for d in range(10)], metrics={"test_accuracy": 0.5})
+    return CheckpointInfo(
+        model=model,
+        model_config={},
+        mean=0.1307,
+        std=0.3081,
+        class_names=[str(d) for d in range(10)],
+        metrics={"test_accuracy": 0.5},
+    )
 
 
 @pytest.fixture()
@@ -110,8 +116,12 @@ def test_corrupt_resume_state(saved):
 def test_cli_reports_a_bad_checkpoint_on_one_line(saved):
     path = saved / "best.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    result = subprocess.run([sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
-                            capture_output=True, text=True, env={**os.environ, "DIGITLAB_DATA": str(saved)})
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIGITLAB_DATA": str(saved)},
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "truncated or corrupt weights" in result.stderr
     assert "Traceback" not in result.stderr
@@ -144,8 +154,12 @@ checkpoint.save(base, build_model("mlp"), info_for("mlp"), state={"epoch": 4})
 def test_a_kill_between_the_renames_never_gives_a_mixed_checkpoint(saved, renames_before_kill):
     """Defect 1: a kill (fault injected with os._exit) at each point of a save of weights+state+sidecar."""
     base = saved / "best"
-    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(base), str(renames_before_kill)],
-                            capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, str(base), str(renames_before_kill)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 137, result.stderr
     assert list(saved.glob(".best.*.tmp")), "a kill leaves its temp files behind"
     if renames_before_kill == 0:  # nothing renamed: the old checkpoint is intact and still loads
@@ -166,6 +180,7 @@ def test_a_kill_between_the_renames_never_gives_a_mixed_checkpoint(saved, rename
 def test_sidecar_is_the_manifest(saved):
     raw = json.loads((saved / "best.json").read_text())
     import hashlib
+
     assert raw["weights_sha256"] == hashlib.sha256((saved / "best.safetensors").read_bytes()).hexdigest()
     assert raw["state_sha256"] == hashlib.sha256((saved / "best.state.pt").read_bytes()).hexdigest()
 
@@ -183,8 +198,11 @@ def test_a_bit_flip_in_the_weights_is_refused(saved):
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"best.safetensors: truncated or corrupt weights: SHA-256 differs "
-                                              r"from the one best.json records"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"best.safetensors: truncated or corrupt weights: SHA-256 differs "
+        r"from the one best.json records",
+    ):
         checkpoint.load(saved)
 
 
@@ -194,11 +212,16 @@ def test_cli_predict_with_a_flipped_bit_exits_1_on_one_line(saved, tmp_path):
     raw[-100] ^= 0x10
     path.write_bytes(bytes(raw))
     image = tmp_path / "x-idx3-ubyte"
-    from digitlab.idx import write_idx
     import numpy as np
+
+    from digitlab.idx import write_idx
+
     write_idx(image, np.zeros((1, 28, 28), np.uint8))
-    result = subprocess.run([sys.executable, "-m", "digitlab", "predict", "--checkpoint", str(saved), str(image)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab", "predict", "--checkpoint", str(saved), str(image)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "SHA-256" in result.stderr and "Traceback" not in result.stderr
 
@@ -214,33 +237,36 @@ def test_checkpoints_without_digests_still_load(saved):
     assert info.temperature == 1.0 and checkpoint.load_state(saved / "best")["epoch"] == 3
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"std": 0}, r"std 0: must be a finite number from 0.001 to 1"),
-    ({"mean": float("nan")}, r"mean nan: must be a finite number"),
-    ({"mean": None}, r"mean None, std 0.3081: give both or neither"),
-    ({"std": "0.3"}, r"std '0.3': must be a finite number"),
-    ({"model_config": {"hidden": 1e12}}, r"model_config.hidden 1000000000000.0: must be an integer from 1 to 8192"),
-    ({"model_config": {"hidden": 10**9}}, r"model_config.hidden 1000000000: must be an integer from 1 to 8192"),
-    ({"model_config": {"hidden": -5}}, r"model_config.hidden -5: must be an integer"),
-    ({"model_config": {"hidden": [1, 2]}}, r"model_config.hidden \[1, 2\]: must be an integer"),
-    ({"model_config": {"hidden": True}}, r"model_config.hidden True: must be an integer"),
-    ({"model_config": {"in_features": 100}}, r"model_config.in_features 100: must be 784"),
-    ({"model_config": {"depth": 3}}, r"model_config: model 'mlp' has no field 'depth'"),
-    ({"model_config": []}, r"model_config \[\]: must be an object"),
-    ({"model": "resnet"}, r"model 'resnet': unknown"),
-    ({"class_names": ["a", "b"]}, r"class_names: 2 names, but the model has 10 outputs"),
-    ({"class_names": ["0"] * 10}, r"class_names .*: names must be unique"),
-    ({"class_names": "0123456789"}, r"class_names '0123456789': must be a list"),
-    ({"temperature": 0}, r"temperature 0: must be a finite number > 0"),
-    ({"temperature": -1.5}, r"temperature -1.5: must be a finite number > 0"),
-    ({"temperature": float("inf")}, r"temperature inf: must be a finite number > 0"),
-    ({"temperature": "1"}, r"temperature '1': must be a finite number > 0"),
-    ({"epoch": -1}, r"epoch -1: must be an integer >= 0"),
-    ({"metrics": [1]}, r"metrics \[1\]: must be an object"),
-    ({"dataset": 7}, r"dataset 7: must be a string"),
-    ({"weights_sha256": "abc"}, r"weights_sha256 'abc': must be 64 lowercase hex digits"),
-    ({"format_version": "1"}, r"format_version '1': must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"std": 0}, r"std 0: must be a finite number from 0.001 to 1"),
+        ({"mean": float("nan")}, r"mean nan: must be a finite number"),
+        ({"mean": None}, r"mean None, std 0.3081: give both or neither"),
+        ({"std": "0.3"}, r"std '0.3': must be a finite number"),
+        ({"model_config": {"hidden": 1e12}}, r"model_config.hidden 1000000000000.0: must be an integer from 1 to 8192"),
+        ({"model_config": {"hidden": 10**9}}, r"model_config.hidden 1000000000: must be an integer from 1 to 8192"),
+        ({"model_config": {"hidden": -5}}, r"model_config.hidden -5: must be an integer"),
+        ({"model_config": {"hidden": [1, 2]}}, r"model_config.hidden \[1, 2\]: must be an integer"),
+        ({"model_config": {"hidden": True}}, r"model_config.hidden True: must be an integer"),
+        ({"model_config": {"in_features": 100}}, r"model_config.in_features 100: must be 784"),
+        ({"model_config": {"depth": 3}}, r"model_config: model 'mlp' has no field 'depth'"),
+        ({"model_config": []}, r"model_config \[\]: must be an object"),
+        ({"model": "resnet"}, r"model 'resnet': unknown"),
+        ({"class_names": ["a", "b"]}, r"class_names: 2 names, but the model has 10 outputs"),
+        ({"class_names": ["0"] * 10}, r"class_names .*: names must be unique"),
+        ({"class_names": "0123456789"}, r"class_names '0123456789': must be a list"),
+        ({"temperature": 0}, r"temperature 0: must be a finite number > 0"),
+        ({"temperature": -1.5}, r"temperature -1.5: must be a finite number > 0"),
+        ({"temperature": float("inf")}, r"temperature inf: must be a finite number > 0"),
+        ({"temperature": "1"}, r"temperature '1': must be a finite number > 0"),
+        ({"epoch": -1}, r"epoch -1: must be an integer >= 0"),
+        ({"metrics": [1]}, r"metrics \[1\]: must be an object"),
+        ({"dataset": 7}, r"dataset 7: must be a string"),
+        ({"weights_sha256": "abc"}, r"weights_sha256 'abc': must be 64 lowercase hex digits"),
+        ({"format_version": "1"}, r"format_version '1': must be an integer >= 1"),
+    ],
+)
 def test_every_sidecar_field_is_validated_and_the_message_names_the_sidecar(saved, change, message):
     """Defect 4: bad sidecar values are one-line errors naming best.json, before any model is built."""
     sidecar = saved / "best.json"
@@ -277,7 +303,11 @@ def test_cli_evaluate_with_std_zero_exits_1_naming_the_sidecar(saved):
     raw = json.loads(sidecar.read_text())
     raw["std"] = 0
     sidecar.write_text(json.dumps(raw))
-    result = subprocess.run([sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
-                            capture_output=True, text=True, env={**os.environ, "DIGITLAB_DATA": str(saved)})
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIGITLAB_DATA": str(saved)},
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and f"{sidecar}: std 0" in result.stderr

@@ -58,18 +58,36 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     CORRUPTIONS["truncated"](bad)
     env = {k: v for k, v in os.environ.items() if k != "DIGITLAB_DATA"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-m", "digitlab", "explore", "--data", str(bad)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "digitlab", "explore", "--data", str(bad)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stdout == ""
-    assert proc.stderr == (f"digitlab: error: train-images-idx3-ubyte.gz: truncated: {16 + 512 * 784} bytes "
-                           "expected, 1000 found\n")
+    assert proc.stderr == (
+        f"digitlab: error: train-images-idx3-ubyte.gz: truncated: {16 + 512 * 784} bytes expected, 1000 found\n"
+    )
 
 
 def test_explore_and_grid(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
     grid = tmp_path / "grid.png"
-    code, out, err = run_main(monkeypatch, capsys, "explore", "--data", str(tiny_mnist_dir), "--grid", str(grid),
-                              "--index", "1", "--seed", "2")
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "explore",
+        "--data",
+        str(tiny_mnist_dir),
+        "--grid",
+        str(grid),
+        "--index",
+        "1",
+        "--seed",
+        "2",
+    )
     assert code == 0, err
     assert "len(train_set) = 512" in out and "len(test_set)  = 128" in out and "item = train_set[1]" in out
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,8 +103,9 @@ def test_explore_option_errors(tiny_mnist_dir, monkeypatch, capsys):
 
 
 def test_tour_command(tiny_mnist_dir, monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--device", "cpu",
-                              "--steps", "3", "--seed", "1")
+    code, out, err = run_main(
+        monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--device", "cpu", "--steps", "3", "--seed", "1"
+    )
     assert code == 0, err
     assert "input shape  [64, 1, 28, 28]" in out and "output shape [64, 10]" in out
     code, _, err = run_main(monkeypatch, capsys, "tour", "--data", str(tiny_mnist_dir), "--steps", "0")
@@ -125,10 +144,23 @@ def test_train_refuses_images_the_models_cannot_take(tmp_path, monkeypatch, caps
     """Issue 11.7: the MLP trained on 1x784 or 14x56 images silently, the CNN died with a 30-frame traceback."""
     monkeypatch.setenv("DIGITLAB_THREADS", "off")  # leave this test process's torch threads alone
     bad = odd_sized(tmp_path / "odd", shape)
-    code, out, err = run_main(monkeypatch, capsys, "train", "--model", model, "--data", str(bad), "--epochs", "1",
-                              "--quiet", "--out", str(tmp_path / "run"))
-    assert_one_line_failure(code, err, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels",
-                            "MNIST images are 28x28")
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        model,
+        "--data",
+        str(bad),
+        "--epochs",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert_one_line_failure(
+        code, err, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels", "MNIST images are 28x28"
+    )
     assert out == ""
 
 
@@ -136,8 +168,9 @@ def test_evaluate_refuses_images_the_models_cannot_take(tmp_path, monkeypatch, c
     monkeypatch.setenv("DIGITLAB_THREADS", "off")
     bad = odd_sized(tmp_path / "odd", (14, 56))
     checkpoint = save_random_checkpoint(tmp_path / "run" / "best", "cnn")
-    code, _, err = run_main(monkeypatch, capsys, "evaluate", "--checkpoint", str(checkpoint), "--data", str(bad),
-                              "--no-plots")
+    code, _, err = run_main(
+        monkeypatch, capsys, "evaluate", "--checkpoint", str(checkpoint), "--data", str(bad), "--no-plots"
+    )
     assert_one_line_failure(code, err, "train-images-idx3-ubyte.gz", "images are 14x56 pixels")
 
 

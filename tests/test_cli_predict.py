@@ -74,25 +74,29 @@ def test_folder_and_idx_inputs(monkeypatch, capsys, ckpt, tmp_path):
     (folder / "sub" / "a.png").write_bytes(photo_png("4"))
     images, _ = synthetic_digits(5, seed=1)
     idx.write_idx(tmp_path / "few-idx3-ubyte.gz", images)
-    code, out, _ = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", str(folder),
-                            str(tmp_path / "few-idx3-ubyte.gz"))
+    code, out, _ = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", str(folder), str(tmp_path / "few-idx3-ubyte.gz")
+    )
     assert code == 0
     paths = [r["path"] for r in json_lines(out)]
     assert paths == [str(folder / "b.png"), str(folder / "sub" / "a.png")] + [
-        f"{tmp_path / 'few-idx3-ubyte.gz'}#{i}" for i in range(5)]
+        f"{tmp_path / 'few-idx3-ubyte.gz'}#{i}" for i in range(5)
+    ]
 
 
 def test_stdin(monkeypatch, capsys, ckpt, good):
-    code, out, _ = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "-",
-                            stdin=good.read_bytes())
+    code, out, _ = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "-", stdin=good.read_bytes()
+    )
     assert code == 0
     (record,) = json_lines(out)
     assert record["path"] == "-" and isinstance(record["digit"], int)
 
 
 def test_reject_below_reports_null(monkeypatch, capsys, ckpt, good):
-    code, out, _ = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "--reject-below", "1",
-                            str(good))
+    code, out, _ = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "--reject-below", "1", str(good)
+    )
     assert code == 0  # a rejection is an answer, not a failure
     (record,) = json_lines(out)
     assert record["digit"] is None and record["rejected"] is True and record["error"] is None
@@ -101,8 +105,9 @@ def test_reject_below_reports_null(monkeypatch, capsys, ckpt, good):
 
 def test_save_preprocessed(monkeypatch, capsys, ckpt, good, tmp_path):
     out_dir = tmp_path / "seen"
-    code, out, _ = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "--save-preprocessed",
-                            str(out_dir), str(good))
+    code, out, _ = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "--save-preprocessed", str(out_dir), str(good)
+    )
     assert code == 0
     (record,) = json_lines(out)
     saved = Path(record["preprocessed_path"])
@@ -125,7 +130,7 @@ def _truncated_png() -> bytes:
 def _corrupt_jpeg() -> bytes:
     raw = bytearray(encoded(Image.fromarray(to_u8(on_paper(ink_mask("7", 200)))), "JPEG"))
     start = raw.index(b"\xff\xc0")
-    raw[start + 5:start + 9] = b"\x00\x00\x00\x00"
+    raw[start + 5 : start + 9] = b"\x00\x00\x00\x00"
     return bytes(raw)
 
 
@@ -135,8 +140,12 @@ BAD_FILES = {
     "truncated.png": (_truncated_png, "truncated or corrupt image data"),
     "corrupt.jpg": (_corrupt_jpeg, "corrupt JPEG data"),
     "blank.png": (lambda: png_bytes(Image.new("L", (200, 150), 240)), "no ink found"),
-    "noise-only.png": (lambda: png_bytes(Image.fromarray(to_u8(np.clip(
-        0.8 + np.random.default_rng(0).normal(0, 0.01, (120, 160)), 0, 1)))), "no ink found"),
+    "noise-only.png": (
+        lambda: png_bytes(
+            Image.fromarray(to_u8(np.clip(0.8 + np.random.default_rng(0).normal(0, 0.01, (120, 160)), 0, 1)))
+        ),
+        "no ink found",
+    ),
 }
 
 
@@ -145,8 +154,9 @@ def test_bad_file_is_a_one_line_error_and_the_others_are_read(monkeypatch, capsy
     make, defect = BAD_FILES[name]
     bad = tmp_path / name
     bad.write_bytes(make())
-    code, out, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", str(good), str(bad),
-                              str(good))
+    code, out, err = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", str(good), str(bad), str(good)
+    )
     assert code == 1
     assert err.splitlines() == [err.strip()] and err.startswith(f"digitlab: error: {bad}: ")
     assert defect in err and "Traceback" not in err
@@ -157,8 +167,9 @@ def test_bad_file_is_a_one_line_error_and_the_others_are_read(monkeypatch, capsy
 
 
 def test_missing_file(monkeypatch, capsys, ckpt, good, tmp_path):
-    code, out, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, str(tmp_path / "nope.png"),
-                              str(good))
+    code, out, err = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", ckpt, str(tmp_path / "nope.png"), str(good)
+    )
     assert code == 1
     assert err.strip() == f"digitlab: error: {tmp_path / 'nope.png'}: file not found"
     assert "error: file not found" in out.splitlines()[1] and out.splitlines()[2].startswith(str(good))
@@ -169,8 +180,9 @@ def test_image_over_the_pixel_limit(monkeypatch, capsys, ckpt, good, tmp_path):
     Image.new("1", (8000, 6000)).save(huge)
     code, _, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, str(huge), str(good))
     assert code == 1
-    assert err.strip() == (f"digitlab: error: {huge}: image too large: 8000x6000 = 48.0 megapixels "
-                           "(the limit is 40 megapixels)")
+    assert err.strip() == (
+        f"digitlab: error: {huge}: image too large: 8000x6000 = 48.0 megapixels (the limit is 40 megapixels)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,8 +209,10 @@ def test_fifo_in_a_folder_is_an_error_line_not_a_hang(tmp_path, good):
     items = expand_within([str(folder)])
     assert [i.path for i in items] == [str(folder / "a.png"), str(folder / "pipe.png")]
     assert items[0].error is None
-    assert items[1].error == f"{folder / 'pipe.png'}: a FIFO (named pipe), not a regular file (predict reads only " \
-                             "regular files)"
+    assert (
+        items[1].error == f"{folder / 'pipe.png'}: a FIFO (named pipe), not a regular file (predict reads only "
+        "regular files)"
+    )
 
 
 def test_real_process_with_a_fifo_in_the_folder_finishes(ckpt, good, tmp_path):
@@ -206,8 +220,13 @@ def test_real_process_with_a_fifo_in_the_folder_finishes(ckpt, good, tmp_path):
     folder.mkdir()
     (folder / "a.png").write_bytes(good.read_bytes())
     os.mkfifo(folder / "b.png")
-    result = subprocess.run([sys.executable, "-m", "digitlab", "predict", "--checkpoint", ckpt, "--json", str(folder)],
-                            capture_output=True, timeout=120, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab", "predict", "--checkpoint", ckpt, "--json", str(folder)],
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     records = json_lines(result.stdout.decode())
     assert isinstance(records[0]["digit"], int) and "a FIFO (named pipe)" in records[1]["error"]
@@ -216,11 +235,16 @@ def test_real_process_with_a_fifo_in_the_folder_finishes(ckpt, good, tmp_path):
 
 def test_devices_are_refused_unread(monkeypatch, capsys, ckpt, good):
     """Issue 11.8: /dev/zero was read until memory ran out."""
-    assert expand_within(["/dev/zero"])[0].error == \
-        "/dev/zero: a character device, not a regular file (predict reads only regular files)"
+    assert (
+        expand_within(["/dev/zero"])[0].error
+        == "/dev/zero: a character device, not a regular file (predict reads only regular files)"
+    )
     code, out, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "/dev/zero", str(good))
-    assert code == 1 and err.strip() == "digitlab: error: /dev/zero: a character device, not a regular file " \
-                                        "(predict reads only regular files)"
+    assert (
+        code == 1
+        and err.strip()
+        == "digitlab: error: /dev/zero: a character device, not a regular file (predict reads only regular files)"
+    )
     records = json_lines(out)
     assert records[0]["digit"] is None and isinstance(records[1]["digit"], int)
 
@@ -239,8 +263,10 @@ def test_files_over_the_size_cap_are_refused(tmp_path, monkeypatch):
     idx_file = tmp_path / "big-idx3-ubyte"
     idx.write_idx(idx_file, np.zeros((3, 28, 28), np.uint8))
     items = expand_within([str(big), str(idx_file)])
-    assert [i.error for i in items] == [f"{big}: file too large: 2004 bytes (the limit is 1000 bytes)",
-                                        f"{idx_file}: file too large: {16 + 3 * 784} bytes (the limit is 1000 bytes)"]
+    assert [i.error for i in items] == [
+        f"{big}: file too large: 2004 bytes (the limit is 1000 bytes)",
+        f"{idx_file}: file too large: {16 + 3 * 784} bytes (the limit is 1000 bytes)",
+    ]
     assert prediction.MAX_INPUT_BYTES == 1000 and 32 << 20 <= MAX_INPUT_BYTES <= 256 << 20  # a sensible default
 
 
@@ -250,7 +276,7 @@ def test_stdin_is_read_no_further_than_the_cap(monkeypatch):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(zero))
         raw = prediction.read_stdin()
     assert len(raw) == 1001
-    item, = expand_inputs(["-"], stdin=lambda: raw)
+    (item,) = expand_inputs(["-"], stdin=lambda: raw)
     assert item.error == "<stdin>: input too large: over 1000 bytes"
 
 
@@ -265,8 +291,11 @@ def test_symlink_loops_get_their_own_message(monkeypatch, capsys, ckpt, good, tm
     items = expand_within([str(folder), str(folder / "loop.png")])
     loop = "symbolic link loop (the link leads back to itself)"
     assert [(i.path, i.error) for i in items] == [
-        (str(folder / "a.png"), None), (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}"),
-        (str(folder / "noname"), f"{folder / 'noname'}: {loop}"), (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}")]
+        (str(folder / "a.png"), None),
+        (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}"),
+        (str(folder / "noname"), f"{folder / 'noname'}: {loop}"),
+        (str(folder / "loop.png"), f"{folder / 'loop.png'}: {loop}"),
+    ]
     code, _, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, str(folder / "loop.png"))
     assert code == 1 and err.strip() == f"digitlab: error: {folder / 'loop.png'}: {loop}"
 
@@ -279,10 +308,13 @@ def test_gzip_bomb_as_an_idx_input_is_refused(tmp_path):
     assert len(items) == 1 and "trailing bytes: 7856 bytes expected" in items[0].error
 
 
-@pytest.mark.parametrize("given, defect", [
-    (b"", "empty file"),
-    (png_bytes(Image.new("L", (90, 90), 255)), "no ink found: the image is uniform (blank)"),
-])
+@pytest.mark.parametrize(
+    "given, defect",
+    [
+        (b"", "empty file"),
+        (png_bytes(Image.new("L", (90, 90), 255)), "no ink found: the image is uniform (blank)"),
+    ],
+)
 def test_bad_stdin(monkeypatch, capsys, ckpt, given, defect):
     code, out, err = run_main(monkeypatch, capsys, "predict", "--checkpoint", ckpt, "--json", "-", stdin=given)
     assert code == 1 and err.strip() == f"digitlab: error: <stdin>: {defect}"
@@ -295,13 +327,16 @@ def test_bad_checkpoint_is_one_line(monkeypatch, capsys, good, tmp_path):
     assert err.strip() == f"digitlab: error: {tmp_path / 'nothing'}: file not found"
 
 
-@pytest.mark.parametrize("args", [
-    ["predict", "--checkpoint", "CKPT"],  # no inputs
-    ["predict", "GOOD"],  # no checkpoint
-    ["predict", "--checkpoint", "CKPT", "--reject-below", "1.5", "GOOD"],
-    ["predict", "--checkpoint", "CKPT", "--batch-size", "0", "GOOD"],
-    ["predict", "--checkpoint", "CKPT", "--no-such-option", "GOOD"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict", "--checkpoint", "CKPT"],  # no inputs
+        ["predict", "GOOD"],  # no checkpoint
+        ["predict", "--checkpoint", "CKPT", "--reject-below", "1.5", "GOOD"],
+        ["predict", "--checkpoint", "CKPT", "--batch-size", "0", "GOOD"],
+        ["predict", "--checkpoint", "CKPT", "--no-such-option", "GOOD"],
+    ],
+)
 def test_usage_errors_exit_2(monkeypatch, capsys, ckpt, good, args):
     args = [ckpt if a == "CKPT" else str(good) if a == "GOOD" else a for a in args]
     code, out, err = run_main(monkeypatch, capsys, *args)
@@ -311,8 +346,12 @@ def test_usage_errors_exit_2(monkeypatch, capsys, ckpt, good, args):
 def test_real_process_stdin_and_errors(ckpt, good, tmp_path):
     """The installed entry point in a separate process: stdin, a bad file, exit code 1, no traceback."""
     (tmp_path / "bad.png").write_bytes(b"nope")
-    result = subprocess.run([sys.executable, "-m", "digitlab", "predict", "--checkpoint", ckpt, "--json", "-",
-                             str(tmp_path / "bad.png")], input=good.read_bytes(), capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab", "predict", "--checkpoint", ckpt, "--json", "-", str(tmp_path / "bad.png")],
+        input=good.read_bytes(),
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     records = json_lines(result.stdout.decode())
     assert records[0]["path"] == "-" and isinstance(records[0]["digit"], int)

@@ -73,8 +73,7 @@ def test_writer_refuses_non_uint8(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(images=arrays(np.uint8, st.tuples(st.integers(0, 12), st.integers(1, 9), st.integers(1, 9))),
-       gz=st.booleans())
+@given(images=arrays(np.uint8, st.tuples(st.integers(0, 12), st.integers(1, 9), st.integers(1, 9))), gz=st.booleans())
 def test_round_trip_property_images(images, gz):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("x.idx.gz" if gz else "x.idx")
@@ -183,17 +182,34 @@ def empty_file(d: Path) -> str:
 
 
 CORRUPTIONS: dict[str, Callable[[Path], str]] = {
-    f.__name__: f for f in (bad_magic, images_in_labels_file, wrong_ndim, zero_sized_images, truncated,
-                            truncated_header, absurd_header, trailing_bytes, label_out_of_range, count_mismatch, corrupt_gzip,
-                            empty_file)
+    f.__name__: f
+    for f in (
+        bad_magic,
+        images_in_labels_file,
+        wrong_ndim,
+        zero_sized_images,
+        truncated,
+        truncated_header,
+        absurd_header,
+        trailing_bytes,
+        label_out_of_range,
+        count_mismatch,
+        corrupt_gzip,
+        empty_file,
+    )
 }
 FILE_OF = {
-    "bad_magic": "train-images-idx3-ubyte.gz", "images_in_labels_file": "train-labels-idx1-ubyte.gz",
-    "wrong_ndim": "t10k-images-idx3-ubyte.gz", "zero_sized_images": "t10k-images-idx3-ubyte.gz",
-    "truncated": "train-images-idx3-ubyte.gz", "truncated_header": "train-images-idx3-ubyte.gz",
+    "bad_magic": "train-images-idx3-ubyte.gz",
+    "images_in_labels_file": "train-labels-idx1-ubyte.gz",
+    "wrong_ndim": "t10k-images-idx3-ubyte.gz",
+    "zero_sized_images": "t10k-images-idx3-ubyte.gz",
+    "truncated": "train-images-idx3-ubyte.gz",
+    "truncated_header": "train-images-idx3-ubyte.gz",
     "absurd_header": "train-images-idx3-ubyte.gz",
-    "trailing_bytes": "t10k-labels-idx1-ubyte.gz", "label_out_of_range": "train-labels-idx1-ubyte.gz",
-    "count_mismatch": "t10k-labels-idx1-ubyte.gz", "corrupt_gzip": "train-images-idx3-ubyte.gz",
+    "trailing_bytes": "t10k-labels-idx1-ubyte.gz",
+    "label_out_of_range": "train-labels-idx1-ubyte.gz",
+    "count_mismatch": "t10k-labels-idx1-ubyte.gz",
+    "corrupt_gzip": "train-images-idx3-ubyte.gz",
     "empty_file": "train-labels-idx1-ubyte.gz",
 }
 
@@ -310,8 +326,9 @@ def test_images_of_a_size_the_models_cannot_take_are_refused(tmp_path, shape):
         idx.write_idx(d / f"{stem}.gz", images)
     with pytest.raises(DataError) as exc:
         data.load(d, download=False)
-    assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels; "
-                          "MNIST images are 28x28")
+    assert_one_line_error(
+        exc, "train-images-idx3-ubyte.gz", f"images are {shape[0]}x{shape[1]} pixels; MNIST images are 28x28"
+    )
 
 
 def test_only_the_test_images_of_the_wrong_size(tmp_path):
@@ -412,9 +429,13 @@ def test_a_dir_holding_another_dataset_is_skipped(tmp_path, monkeypatch):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     other = write_dataset(tmp_path / "other")
     labels_md5 = datafiles.md5_of(other / "train-labels-idx1-ubyte.gz")
-    monkeypatch.setitem(datafiles.DATASETS, "other", datafiles.DatasetSpec(
-        name="other", title="Other", class_names=tuple("0123456789"),
-        md5={"train-labels-idx1-ubyte": labels_md5}))
+    monkeypatch.setitem(
+        datafiles.DATASETS,
+        "other",
+        datafiles.DatasetSpec(
+            name="other", title="Other", class_names=tuple("0123456789"), md5={"train-labels-idx1-ubyte": labels_md5}
+        ),
+    )
     with pytest.raises(DataError) as exc:
         data.load(other, "mnist", download=False)
     assert f"{other} (holds Other)" in str(exc.value)
@@ -462,8 +483,9 @@ def mirror(tmp_path) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def synthetic_spec(mirrors: tuple[str, ...], md5: dict[str, str]) -> datafiles.DatasetSpec:
-    return datafiles.DatasetSpec(name="synthetic", title="Synthetic", class_names=tuple(str(d) for d in range(10)),
-                            md5=md5, mirrors=mirrors)
+    return datafiles.DatasetSpec(
+        name="synthetic", title="Synthetic", class_names=tuple(str(d) for d in range(10)), md5=md5, mirrors=mirrors
+    )
 
 
 def closed_port_url() -> str:
@@ -503,8 +525,9 @@ def test_download_md5_mismatch_leaves_no_file(mirror, tmp_path, no_backoff):
     target = tmp_path / "target"
     with pytest.raises(DataError) as exc:
         datafiles.download_dataset(spec, target, retries=2, show_progress=False)
-    assert_one_line_error(exc, "train-images-idx3-ubyte.gz", f"MD5 mismatch: {md5['train-images-idx3-ubyte']} "
-                          f"found, {'0' * 32} expected")
+    assert_one_line_error(
+        exc, "train-images-idx3-ubyte.gz", f"MD5 mismatch: {md5['train-images-idx3-ubyte']} found, {'0' * 32} expected"
+    )
     assert not target.exists() or list(target.iterdir()) == []
 
 
@@ -556,8 +579,11 @@ def test_verify_ok_and_one_byte_changed(tiny_mnist_dir, tmp_path):
     put_raw(target, bytes(content))
     with pytest.raises(DataError) as exc:
         datafiles.verify(copy, spec)
-    assert_one_line_error(exc, str(target), f"MD5 mismatch: {hashlib.md5(content).hexdigest()} found, "
-                          f"{md5['t10k-labels-idx1-ubyte']} expected")
+    assert_one_line_error(
+        exc,
+        str(target),
+        f"MD5 mismatch: {hashlib.md5(content).hexdigest()} found, {md5['t10k-labels-idx1-ubyte']} expected",
+    )
 
 
 def test_verify_gzip_byte_changed_and_missing_file(tiny_mnist_dir, tmp_path):

@@ -59,8 +59,10 @@ def test_a_corrupt_file_found_by_prefetch_is_reported_by_load(tmp_path):
 
 
 def test_the_file_layer_does_not_import_torch():
-    code = ("import sys; from digitlab import datafiles, idx; datafiles.prefetch('/nonexistent'); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from digitlab import datafiles, idx; datafiles.prefetch('/nonexistent'); "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

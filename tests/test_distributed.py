@@ -20,13 +20,39 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(nproc: int, *train_args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "digitlab", "train", *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "digitlab",
+        "train",
+        *train_args,
+    ]
 
 
 def common_args(data_dir: Path, out: Path, epochs: int = 2) -> list[str]:
-    return ["--data", str(data_dir), "--out", str(out), "--model", "mlp", "--epochs", str(epochs),
-            "--batch-size", "64", "--val-size", "64", "--precision", "fp32", "--device", "cpu", "--quiet"]
+    return [
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--model",
+        "mlp",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "64",
+        "--val-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
 
 
 def env_for_tests() -> dict[str, str]:
@@ -36,11 +62,21 @@ def env_for_tests() -> dict[str, str]:
 
 def test_two_processes_match_one_process(tmp_path):
     data_dir = write_dataset(tmp_path / "data", n_train=512 + 64, n_test=128)
-    one = subprocess.run([sys.executable, "-m", "digitlab", "train", *common_args(data_dir, tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300, env=env_for_tests())
+    one = subprocess.run(
+        [sys.executable, "-m", "digitlab", "train", *common_args(data_dir, tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_for_tests(),
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(2, *common_args(data_dir, tmp_path / "two")), capture_output=True, text=True,
-                         timeout=300, env=env_for_tests())
+    two = subprocess.run(
+        torchrun(2, *common_args(data_dir, tmp_path / "two")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_for_tests(),
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -85,8 +121,13 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error(tmp_path):
     data_dir = write_dataset(tmp_path / "data", n_train=20000, n_test=128)
     out = tmp_path / "run"
     args = common_args(data_dir, out, epochs=50)
-    proc = subprocess.Popen(torchrun(2, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env_for_tests(), "DIGITLAB_DIST_TIMEOUT": "30"})
+    proc = subprocess.Popen(
+        torchrun(2, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env_for_tests(), "DIGITLAB_DIST_TIMEOUT": "30"},
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)

@@ -25,8 +25,9 @@ def trained(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("evaluation")
     data_dir = write_dataset(root / "data", n_train=600, n_test=200)
-    run = train(model="mlp", epochs=1, data=str(data_dir), out=str(root / "run"), val_size=200, quiet=True,
-                label_smoothing=0.3)
+    run = train(
+        model="mlp", epochs=1, data=str(data_dir), out=str(root / "run"), val_size=200, quiet=True, label_smoothing=0.3
+    )
     return run.dir
 
 
@@ -38,11 +39,22 @@ def test_training_fits_a_temperature_on_validation_and_stores_it(trained):
     assert 0 <= summary["test_ece"] <= 1
 
 
-def test_evaluate_json_reports_ece_and_draws_a_reliability_diagram(trained, tiny_mnist_dir, monkeypatch, capsys,
-                                                                   tmp_path):
+def test_evaluate_json_reports_ece_and_draws_a_reliability_diagram(
+    trained, tiny_mnist_dir, monkeypatch, capsys, tmp_path
+):
     data_dir = json.loads((trained / "config.json").read_text())["data"]
-    code, out, err = run_main(monkeypatch, capsys, "evaluate", "--checkpoint", str(trained), "--data", data_dir,
-                              "--json", "--out", str(tmp_path))
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(trained),
+        "--data",
+        data_dir,
+        "--json",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, err
     report = json.loads(out)
     assert 0 <= report["ece"] <= 1
@@ -68,8 +80,7 @@ def test_an_exported_onnx_model_applies_the_temperature(tmp_path):
     pytest.importorskip("onnxruntime")
     from digitlab import export
 
-    weights = save_random_checkpoint(tmp_path / "run" / "best", "cnn", seed=1, temperature=2.5,
-                                     random_batch_norm=True)
+    weights = save_random_checkpoint(tmp_path / "run" / "best", "cnn", seed=1, temperature=2.5, random_batch_norm=True)
     export.export_onnx(weights, tmp_path / "model.onnx")
     x = np.random.default_rng(1).random((8, 28, 28)).astype(np.float32)
     from_torch = Predictor.from_checkpoint(weights, device="cpu").predict_arrays(x)

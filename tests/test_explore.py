@@ -126,8 +126,14 @@ def test_tour_runs_and_explains(tiny_mnist_dir):
     assert "DataLoader(train_set, batch_size=64, shuffle=True)" in text
     assert "images.shape = [64, 1, 28, 28]   labels.shape = [64]" in text
     assert result.parameters == 669_706 and "669,706" in text
-    for line in ("logits = model(images)", "loss = loss_fn(logits, labels)", "optimizer.zero_grad()",
-                 "loss.backward()", "optimizer.step()", "torch.softmax(logits[0], dim=0)"):
+    for line in (
+        "logits = model(images)",
+        "loss = loss_fn(logits, labels)",
+        "optimizer.zero_grad()",
+        "loss.backward()",
+        "optimizer.step()",
+        "torch.softmax(logits[0], dim=0)",
+    ):
         assert line in text, line
     for probs in (result.probs_before, result.probs_after):
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and len(probs) == 10

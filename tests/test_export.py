@@ -23,7 +23,6 @@ from .conftest import run_main, save_random_checkpoint
 MEAN, STD = 0.1307, 0.3081
 
 
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export")
@@ -31,15 +30,21 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(workdir) -> dict[str, Path]:
-    return {name: save_random_checkpoint(workdir / name, name, metrics={"test_accuracy": 0.1234}, epoch=3,
-                                         random_batch_norm=True) for name in ("mlp", "cnn")}
+    return {
+        name: save_random_checkpoint(
+            workdir / name, name, metrics={"test_accuracy": 0.1234}, epoch=3, random_batch_norm=True
+        )
+        for name in ("mlp", "cnn")
+    }
 
 
 @pytest.fixture(scope="module")
 def exported(workdir, checkpoints) -> dict[str, tuple[Path, exp.ExportReport]]:
     """Each model exported once to ONNX (the exports take a second or two each)."""
-    return {name: (workdir / f"{name}.onnx", exp.export_onnx(path, workdir / f"{name}.onnx"))
-            for name, path in checkpoints.items()}
+    return {
+        name: (workdir / f"{name}.onnx", exp.export_onnx(path, workdir / f"{name}.onnx"))
+        for name, path in checkpoints.items()
+    }
 
 
 def torch_logits(ckpt: Path, images: np.ndarray) -> torch.Tensor:
@@ -225,28 +230,40 @@ def one_error_line(err: str) -> str:
 
 
 def test_cli_missing_checkpoint(monkeypatch, capsys, tmp_path):
-    code, out, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(tmp_path / "missing"),
-                              "--out", str(tmp_path / "m.onnx"))
+    code, out, err = run_main(
+        monkeypatch, capsys, "export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")
+    )
     assert code == 1 and "missing: file not found" in one_error_line(err)
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "tflite"], "--format 'tflite': unknown (choose onnx or torchscript)"),
-    (["--quantize", "int4"], "--quantize 'int4': unknown (choose int8)"),
-    (["--format", "torchscript", "--quantize", "int8"], "--quantize works with --format onnx only"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "tflite"], "--format 'tflite': unknown (choose onnx or torchscript)"),
+        (["--quantize", "int4"], "--quantize 'int4': unknown (choose int8)"),
+        (["--format", "torchscript", "--quantize", "int8"], "--quantize works with --format onnx only"),
+    ],
+)
 def test_cli_usage_errors_exit_2(monkeypatch, capsys, checkpoints, tmp_path, args, message):
-    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                            "--out", str(tmp_path / "m.onnx"), *args)
+    code, _, err = run_main(
+        monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]), "--out", str(tmp_path / "m.onnx"), *args
+    )
     assert code == 2 and message in one_error_line(err)
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_output_under_a_file(monkeypatch, capsys, checkpoints, tmp_path):
     (tmp_path / "afile").write_text("x")
-    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                            "--out", str(tmp_path / "afile" / "m.onnx"))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(checkpoints["mlp"]),
+        "--out",
+        str(tmp_path / "afile" / "m.onnx"),
+    )
     assert code == 1 and "cannot write" in one_error_line(err) and "afile is not a directory" in err
 
 
@@ -259,8 +276,9 @@ def test_cli_output_dir_not_writable(monkeypatch, capsys, checkpoints, tmp_path)
     # root may write into a read-only dir; nobody may create a file in sysfs
     target = Path("/sys/digitlab-export-test.onnx") if os.geteuid() == 0 else locked / "m.onnx"
     try:
-        code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                                "--out", str(target))
+        code, _, err = run_main(
+            monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]), "--out", str(target)
+        )
     finally:
         locked.chmod(0o700)
     line = one_error_line(err)
@@ -269,23 +287,44 @@ def test_cli_output_dir_not_writable(monkeypatch, capsys, checkpoints, tmp_path)
 
 
 def test_cli_output_is_a_directory(monkeypatch, capsys, checkpoints, tmp_path):
-    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                            "--out", str(tmp_path))
+    code, _, err = run_main(
+        monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]), "--out", str(tmp_path)
+    )
     assert code == 1 and "is a directory" in one_error_line(err)
 
 
 def test_cli_data_dir_without_data(monkeypatch, capsys, checkpoints, tmp_path):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)  # else the data is found there, after --data
-    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                            "--out", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "empty"))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(checkpoints["mlp"]),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--data",
+        str(tmp_path / "empty"),
+    )
     assert code == 1 and "MNIST not found" in one_error_line(err)
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_checks_on_the_test_set(monkeypatch, capsys, checkpoints, tiny_mnist_dir, tmp_path):
     out = tmp_path / "sub" / "m.onnx"
-    code, stdout, _ = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["cnn"]),
-                               "--out", str(out), "--data", str(tiny_mnist_dir), "--quantize", "int8")
+    code, stdout, _ = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(checkpoints["cnn"]),
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_mnist_dir),
+        "--quantize",
+        "int8",
+    )
     assert code == 0
     assert "check on MNIST test set (128 images)" in stdout and "same class on 128/128 images" in stdout
     assert "accuracy: pytorch" in stdout and "points vs fp32" in stdout
@@ -294,8 +333,18 @@ def test_cli_export_checks_on_the_test_set(monkeypatch, capsys, checkpoints, tin
 
 def test_cli_export_without_data_says_so(monkeypatch, capsys, checkpoints, tmp_path):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
-    code, stdout, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]),
-                                 "--out", str(tmp_path / "m.pt"), "--format", "torchscript", "--json")
+    code, stdout, err = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(checkpoints["mlp"]),
+        "--out",
+        str(tmp_path / "m.pt"),
+        "--format",
+        "torchscript",
+        "--json",
+    )
     assert code == 0 and "test set not found" in err
     report = json.loads(stdout)
     assert report["format"] == "torchscript" and report["check"]["reference_accuracy"] is None
@@ -312,10 +361,12 @@ def test_cli_export_without_data_says_so(monkeypatch, capsys, checkpoints, tmp_p
 def test_trained_mlp_export_matches_on_the_10000_test_images(mnist_dir, tmp_path):
     from digitlab.training import TrainConfig, train
 
-    run = train(TrainConfig(model="mlp", epochs=1, data=str(mnist_dir), out=str(tmp_path / "run"),
-                            device="cpu", quiet=True))
-    report = exp.export_onnx(run.dir, tmp_path / "mlp.onnx", quantize="int8",
-                             verify_images=exp.mnist_verify_set(mnist_dir))
+    run = train(
+        TrainConfig(model="mlp", epochs=1, data=str(mnist_dir), out=str(tmp_path / "run"), device="cpu", quiet=True)
+    )
+    report = exp.export_onnx(
+        run.dir, tmp_path / "mlp.onnx", quantize="int8", verify_images=exp.mnist_verify_set(mnist_dir)
+    )
     check = report.check
     assert check.count == 10_000 and check.max_abs_diff <= 1e-4 and check.argmax_agreement == 10_000
     assert check.reference_accuracy == check.exported_accuracy > 0.95
@@ -331,8 +382,9 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now
 
 
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_onnx_model_runs_where_torch_cannot_be_imported(exported):
@@ -419,20 +471,26 @@ def test_predictor_from_onnx_matches_from_checkpoint(exported, checkpoints):
     assert np.abs(onnx_predictor.predict_arrays(pixels) - torch_predictor.predict_arrays(pixels)).max() < 1e-5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "m.onnx", "--checkpoint", "run"], "--checkpoint and --model exclude each other"),
-    ([], "--checkpoint or --model is required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "m.onnx", "--checkpoint", "run"], "--checkpoint and --model exclude each other"),
+        ([], "--checkpoint or --model is required"),
+    ],
+)
 def test_cli_predict_needs_exactly_one_model(monkeypatch, capsys, digit_png, args, message):
     code, _, err = run_main(monkeypatch, capsys, "predict", str(digit_png), *args)
     assert code == 2 and message in one_error_line(err)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "missing.onnx"], "missing.onnx: file not found"),
-    (["--model", "{png}"], "seven.png: not a loadable ONNX model"),
-    (["--model", "{onnx}", "--device", "mps"], "--device 'mps': an ONNX model runs on auto, cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "missing.onnx"], "missing.onnx: file not found"),
+        (["--model", "{png}"], "seven.png: not a loadable ONNX model"),
+        (["--model", "{onnx}", "--device", "mps"], "--device 'mps': an ONNX model runs on auto, cpu or cuda"),
+    ],
+)
 def test_cli_predict_bad_model(monkeypatch, capsys, exported, digit_png, args, message):
     args = [a.format(png=digit_png, onnx=exported["mlp"][0]) for a in args]
     code, _, err = run_main(monkeypatch, capsys, "predict", str(digit_png), *args)
@@ -507,8 +565,17 @@ def test_cli_checks_the_output_before_any_work(monkeypatch, capsys, tmp_path):
     """Defect 14: the output used to be checked after the checkpoint, the data and seconds of export."""
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep me")
-    code, _, err = run_main(monkeypatch, capsys, "export", "--checkpoint", str(tmp_path / "missing"),
-                            "--out", str(out), "--data", str(tmp_path / "no-data"))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(tmp_path / "missing"),
+        "--out",
+        str(out),
+        "--data",
+        str(tmp_path / "no-data"),
+    )
     assert code == 1 and "m.onnx: already exists; pass --force to replace it" in one_error_line(err)
 
 
@@ -516,17 +583,31 @@ def test_cli_force_replaces(monkeypatch, capsys, checkpoints, tmp_path):
     monkeypatch.delenv("DIGITLAB_DATA", raising=False)
     out = tmp_path / "m.pt"
     out.write_bytes(b"old")
-    code, _, _ = run_main(monkeypatch, capsys, "export", "--checkpoint", str(checkpoints["mlp"]), "--out", str(out),
-                          "--format", "torchscript", "--force")
+    code, _, _ = run_main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--checkpoint",
+        str(checkpoints["mlp"]),
+        "--out",
+        str(out),
+        "--format",
+        "torchscript",
+        "--force",
+    )
     assert code == 0 and out.read_bytes() != b"old"
 
 
 def test_an_exporter_error_with_an_empty_message(checkpoints, tmp_path, monkeypatch):
     """`str(exc).splitlines()[0]` raised IndexError on an empty message and skipped the fallback exporter."""
+
     def fail(*args, **kwargs):
         raise RuntimeError("")
 
     monkeypatch.setattr(torch.onnx, "export", fail)
-    with pytest.raises(exp.ExportError, match=r"ONNX export failed: dynamo exporter: RuntimeError: RuntimeError; "
-                                              r"TorchScript exporter: RuntimeError: RuntimeError"):
+    with pytest.raises(
+        exp.ExportError,
+        match=r"ONNX export failed: dynamo exporter: RuntimeError: RuntimeError; "
+        r"TorchScript exporter: RuntimeError: RuntimeError",
+    ):
         exp.export_onnx(checkpoints["mlp"], tmp_path / "m.onnx")

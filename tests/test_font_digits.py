@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from benchmarks import font_digits
 
 pytestmark = pytest.mark.slow
@@ -38,7 +37,8 @@ def rendered(fonts):
 
 def test_ci_installs_every_font_package():
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
-    install = next(line for line in ci.splitlines() if re.match(r"\s*apt-get install", line))
+    command = ci.replace("\\\n", " ")  # join the lines a backslash continues
+    install = next(line for line in command.splitlines() if re.match(r"\s*apt-get install", line))
     assert set(font_digits.FONT_PACKAGES) <= set(install.split())
     assert re.search(r"^export DIGITLAB_REQUIRE_FONTS=1", ci, re.MULTILINE)
 
@@ -113,14 +113,18 @@ def test_box_has_a_frame_and_the_digit_stays_inside(rendered):
         top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
         assert top > 0 and left > 0 and bottom < image.height - 1 and right < image.width - 1, "no paper around"
         assert bottom - top >= 60 and right - left >= 60
-        frame = [dark[top, left:right + 1], dark[bottom, left:right + 1],
-                 dark[top:bottom + 1, left], dark[top:bottom + 1, right]]
+        frame = [
+            dark[top, left : right + 1],
+            dark[bottom, left : right + 1],
+            dark[top : bottom + 1, left],
+            dark[top : bottom + 1, right],
+        ]
         assert all(side.all() for side in frame), "no closed rectangle around the digit"
         # The frame's thickness, then the digit: ink inside, with a white gap between it and the frame.
         line = 1
-        while dark[top + line, left:right + 1].mean() > 0.95:
+        while dark[top + line, left : right + 1].mean() > 0.95:
             line += 1
-        inside = dark[top + line:bottom - line + 1, left + line:right - line + 1]
+        inside = dark[top + line : bottom - line + 1, left + line : right - line + 1]
         assert inside.any(), "empty box"
         assert not inside[0].any() and not inside[-1].any() and not inside[:, 0].any() and not inside[:, -1].any()
 

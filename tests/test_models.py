@@ -28,8 +28,7 @@ def test_mlp_is_exactly_the_tutorial_network():
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
     assert all(m.bias is not None for m in linears)
-    assert [tuple(p.shape) for p in model.parameters()] == [
-        (512, 784), (512,), (512, 512), (512,), (10, 512), (10,)]
+    assert [tuple(p.shape) for p in model.parameters()] == [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,)]
     assert count_parameters(model) == 669_706 == (784 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
 
 
@@ -84,7 +83,11 @@ def test_hidden_activations_cnn():
         acts = model.hidden_activations(x)
         logits = model(x)
     assert {k: tuple(v.shape) for k, v in acts.items()} == {
-        "conv1": (2, 16, 14, 14), "conv2": (2, 32, 7, 7), "conv3": (2, 64, 7, 7), "logits": (2, 10)}
+        "conv1": (2, 16, 14, 14),
+        "conv2": (2, 32, 7, 7),
+        "conv3": (2, 64, 7, 7),
+        "logits": (2, 10),
+    }
     torch.testing.assert_close(acts["logits"], logits)
 
 

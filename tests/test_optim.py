@@ -34,16 +34,31 @@ def run_steps(model: torch.nn.Module, optimizer, steps: int, schedule=None) -> l
 
 
 CASES = [
-    ("sgd", lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    ("adam-foreach", lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=1e-2, fused=False),
-     lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, foreach=False)),
-    ("adam-fused", lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=1e-2, fused=True),
-     lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, foreach=False)),
-    ("adamw-foreach", lambda ps: optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=False),
-     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
-    ("adamw-fused", lambda ps: optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
-     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
+    (
+        "sgd",
+        lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    ),
+    (
+        "adam-foreach",
+        lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=1e-2, fused=False),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, foreach=False),
+    ),
+    (
+        "adam-fused",
+        lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=1e-2, fused=True),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, foreach=False),
+    ),
+    (
+        "adamw-foreach",
+        lambda ps: optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=False),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+    ),
+    (
+        "adamw-fused",
+        lambda ps: optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+    ),
 ]
 
 
@@ -134,9 +149,11 @@ def test_weight_decay_spares_biases_and_norm_parameters(name):
     weights = [p for p in reference.parameters() if p.ndim >= 2]
     others = [p for p in reference.parameters() if p.ndim < 2]
     groups = [{"params": weights, "weight_decay": 0.5}, {"params": others, "weight_decay": 0.0}]
-    theirs = {"sgd": lambda: torch.optim.SGD(groups, lr=1e-2, momentum=0.9, nesterov=True),
-              "adam": lambda: torch.optim.Adam(groups, lr=1e-2),
-              "adamw": lambda: torch.optim.AdamW(groups, lr=1e-2)}[name]()
+    theirs = {
+        "sgd": lambda: torch.optim.SGD(groups, lr=1e-2, momentum=0.9, nesterov=True),
+        "adam": lambda: torch.optim.Adam(groups, lr=1e-2),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=1e-2),
+    }[name]()
     run_steps(model, ours, 10)
     run_steps(reference, theirs, 10)
     for pa, pb in zip(model.parameters(), reference.parameters()):
@@ -225,9 +242,11 @@ def test_unknown_names_are_rejected():
 
 def test_building_an_optimizer_does_not_import_the_compiler():
     """The reason this module exists: torch.optim imports torch._dynamo (about 1 s) on first use."""
-    code = ("import sys, torch; from digitlab import optim; m = torch.nn.Linear(3, 2); "
-            "o = optim.AdamW(m.parameters(), lr=1e-3); m(torch.ones(1, 3)).sum().backward(); o.step(); "
-            "print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, torch; from digitlab import optim; m = torch.nn.Linear(3, 2); "
+        "o = optim.AdamW(m.parameters(), lr=1e-3); m(torch.ones(1, 3)).sum().backward(); o.step(); "
+        "print('torch._dynamo' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

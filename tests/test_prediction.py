@@ -14,13 +14,12 @@ from PIL import Image
 
 from digitlab import data, datafiles, idx
 from digitlab.datafiles import MNIST_MEAN, MNIST_STD
-from digitlab.prediction import InputItem, Prediction, PredictError, Predictor, expand_inputs
+from digitlab.prediction import InputItem, PredictError, Prediction, Predictor, expand_inputs
 
 from .conftest import save_random_checkpoint, synthetic_digits
 from .test_preprocessing import ink_mask, on_paper, png_bytes, to_u8
 
 USERLIKE_COUNT = 1000  # realdata check: enough for a 1.5-point margin to mean something, small enough for CI
-
 
 
 def save_checkpoint(directory: Path, name: str, seed: int = 0) -> Path:
@@ -70,8 +69,9 @@ def test_predict_arrays_matches_the_model(predictor):
     images, _ = synthetic_digits(40, seed=3)
     expected = reference_probabilities(predictor.model, images)
     np.testing.assert_allclose(predictor.predict_arrays(images), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(predictor.predict_arrays(images.astype(np.float32) / 255), expected, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        predictor.predict_arrays(images.astype(np.float32) / 255), expected, rtol=1e-5, atol=1e-6
+    )
     assert predictor.predict_arrays(np.zeros((0, 28, 28), np.float32)).shape == (0, 10)
 
 
@@ -116,11 +116,18 @@ def test_idx_labels_file_and_broken_idx_are_per_item_errors(tmp_path, predictor)
     idx.write_idx(tmp_path / "labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
     (tmp_path / "broken-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")
     (tmp_path / "bad-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip at all" * 4)
-    result = predictor.predict([str(tmp_path / "labels-idx1-ubyte.gz"), str(tmp_path / "broken-idx3-ubyte"),
-                                str(tmp_path / "bad-idx3-ubyte.gz")])
+    result = predictor.predict(
+        [
+            str(tmp_path / "labels-idx1-ubyte.gz"),
+            str(tmp_path / "broken-idx3-ubyte"),
+            str(tmp_path / "bad-idx3-ubyte.gz"),
+        ]
+    )
     assert "an IDX labels file, not images" in result[0].error
     assert "truncated" in result[1].error and result[1].digit is None
-    assert result[2].error.startswith(f"{tmp_path / 'bad-idx3-ubyte.gz'}: corrupt gzip data") and result[2].digit is None
+    assert (
+        result[2].error.startswith(f"{tmp_path / 'bad-idx3-ubyte.gz'}: corrupt gzip data") and result[2].digit is None
+    )
 
 
 def test_folders_are_searched_recursively_in_sorted_order(tmp_path):
@@ -130,7 +137,11 @@ def test_folders_are_searched_recursively_in_sorted_order(tmp_path):
         path.write_bytes(b"x")
     items = expand_inputs([str(tmp_path)])
     assert [Path(i.path).relative_to(tmp_path).as_posix() for i in items] == [
-        "a/sub/1.bmp", "a/z.jpg", "b/2.png", "c.webp"]
+        "a/sub/1.bmp",
+        "a/z.jpg",
+        "b/2.png",
+        "c.webp",
+    ]
 
 
 def test_empty_folder_and_missing_path_are_errors(tmp_path):
@@ -278,8 +289,15 @@ def trained_cnn(mnist_dir, tmp_path_factory) -> Path:
     """The CNN recipe, shortened to 2 epochs (~99% test accuracy, ~20 s on 2 cores)."""
     from digitlab.training import train
 
-    run = train(model="cnn", epochs=2, data=str(mnist_dir), out=str(tmp_path_factory.mktemp("cnn") / "run"),
-                quiet=True, device="cpu", seed=0)
+    run = train(
+        model="cnn",
+        epochs=2,
+        data=str(mnist_dir),
+        out=str(tmp_path_factory.mktemp("cnn") / "run"),
+        quiet=True,
+        device="cpu",
+        seed=0,
+    )
     return run.dir
 
 
@@ -294,8 +312,11 @@ def test_predict_on_the_test_idx_file_is_the_models_test_accuracy(trained_cnn, m
     result = predictor.predict(str(test_images))
     assert len(result) == 10_000 and all(p.error is None for p in result)
     images = torch.from_numpy(np.array(idx.read_images(test_images)))
-    expected = predict_logits(predictor.model, images, predictor.info.mean, predictor.info.std,
-                              torch.device("cpu")).argmax(1).numpy()
+    expected = (
+        predict_logits(predictor.model, images, predictor.info.mean, predictor.info.std, torch.device("cpu"))
+        .argmax(1)
+        .numpy()
+    )
     digits = np.array([p.digit for p in result])
     np.testing.assert_array_equal(digits, expected)  # every single prediction, not just the accuracy
     assert (digits == labels).mean() > 0.98

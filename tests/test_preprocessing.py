@@ -33,8 +33,13 @@ SHAPES = {
 }
 
 
-def ink_mask(shape: str = "7", size: int = 300, digit: float = 0.6, stroke: float = 0.09,
-             offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def ink_mask(
+    shape: str = "7",
+    size: int = 300,
+    digit: float = 0.6,
+    stroke: float = 0.09,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Float (size, size) in [0, 1]: 1 where the pen wrote. The digit spans `digit` of the picture."""
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
@@ -73,7 +78,7 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _blur(x: np.ndarray) -> np.ndarray:
     padded = np.pad(x, 1)
-    return sum(padded[dy:dy + x.shape[0], dx:dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9
+    return sum(padded[dy : dy + x.shape[0], dx : dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,7 +89,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def centre_of_mass(x: np.ndarray) -> tuple[float, float]:
-    ys, xs = np.mgrid[0:x.shape[0], 0:x.shape[1]]
+    ys, xs = np.mgrid[0 : x.shape[0], 0 : x.shape[1]]
     return float((x * ys).sum() / x.sum()), float((x * xs).sum() / x.sum())
 
 
@@ -138,8 +143,9 @@ def test_passthrough_does_not_take_dark_on_light_28x28(reference):
 
 def test_passthrough_does_not_take_a_small_off_centre_28x28_digit():
     small = np.zeros((28, 28), dtype=np.float32)
-    small[2:12, 2:12] = np.asarray(Image.fromarray(to_u8(ink_mask("7", 10, digit=1.0, stroke=0.2))),
-                                   dtype=np.float32) / 255
+    small[2:12, 2:12] = (
+        np.asarray(Image.fromarray(to_u8(ink_mask("7", 10, digit=1.0, stroke=0.2))), dtype=np.float32) / 255
+    )
     assert not pp.is_mnist_like(small)
     assert_mnist_format(preprocess(small))  # scaled up to the 20 px box and centred
 
@@ -170,7 +176,7 @@ def test_paper_noise_and_specks_are_ignored(reference):
     ink = ink_mask("4", 400, digit=0.5)
     photo = on_paper(ink) + rng.normal(0, 0.03, ink.shape)
     for y, x in [(20, 30), (370, 380), (40, 350), (350, 40)]:  # dots of dirt far from the digit
-        photo[y:y + 4, x:x + 4] = 0.2
+        photo[y : y + 4, x : x + 4] = 0.2
     assert agreement(preprocess(to_u8(np.clip(photo, 0, 1))), reference["4"]) > 0.85
 
 
@@ -234,29 +240,53 @@ def _photo() -> np.ndarray:
     return on_paper(ink_mask("7", 200))
 
 
-@pytest.mark.parametrize("make", [
-    lambda a: Image.fromarray(to_u8(a)),  # L
-    lambda a: Image.fromarray(to_u8(a)).convert("RGB"),
-    lambda a: Image.fromarray(to_u8(a)).convert("RGBA"),  # opaque RGBA
-    lambda a: Image.fromarray(to_u8(a)).convert("LA"),
-    lambda a: Image.fromarray(to_u8(a)).convert("P"),
-    lambda a: Image.fromarray(to_u8(a)).convert("1"),
-    lambda a: Image.fromarray(np.rint(a * 65535).astype(np.uint16)),  # I;16
-    lambda a: Image.fromarray(a.astype(np.float32)),  # F
-    lambda a: to_u8(a),
-    lambda a: np.repeat(to_u8(a)[..., None], 3, axis=2),  # HxWx3
-    lambda a: np.dstack([to_u8(a)] * 3 + [np.full(a.shape, 255, np.uint8)]),  # HxWx4
-    lambda a: to_u8(a)[..., None],  # HxWx1
-    lambda a: np.rint(a * 65535).astype(np.uint16),
-    lambda a: a.astype(np.float64),  # floats in [0, 1]
-    lambda a: (a * 255).astype(np.float32),  # floats in [0, 255]
-    lambda a: a > 0.5,  # bool
-    lambda a: torch.from_numpy(a.astype(np.float32)),  # (H, W)
-    lambda a: torch.from_numpy(a.astype(np.float32))[None],  # (1, H, W)
-    lambda a: torch.from_numpy(a.astype(np.float32))[None, None],  # (1, 1, H, W)
-    lambda a: torch.from_numpy(to_u8(a)).expand(3, -1, -1),  # (3, H, W) uint8
-], ids=["L", "RGB", "RGBA", "LA", "P", "1", "I16", "F", "u8", "HWC3", "HWC4", "HWC1", "u16", "f64", "f255",
-        "bool", "tensor2d", "tensor1hw", "tensor11hw", "tensor3hw"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: Image.fromarray(to_u8(a)),  # L
+        lambda a: Image.fromarray(to_u8(a)).convert("RGB"),
+        lambda a: Image.fromarray(to_u8(a)).convert("RGBA"),  # opaque RGBA
+        lambda a: Image.fromarray(to_u8(a)).convert("LA"),
+        lambda a: Image.fromarray(to_u8(a)).convert("P"),
+        lambda a: Image.fromarray(to_u8(a)).convert("1"),
+        lambda a: Image.fromarray(np.rint(a * 65535).astype(np.uint16)),  # I;16
+        lambda a: Image.fromarray(a.astype(np.float32)),  # F
+        lambda a: to_u8(a),
+        lambda a: np.repeat(to_u8(a)[..., None], 3, axis=2),  # HxWx3
+        lambda a: np.dstack([to_u8(a)] * 3 + [np.full(a.shape, 255, np.uint8)]),  # HxWx4
+        lambda a: to_u8(a)[..., None],  # HxWx1
+        lambda a: np.rint(a * 65535).astype(np.uint16),
+        lambda a: a.astype(np.float64),  # floats in [0, 1]
+        lambda a: (a * 255).astype(np.float32),  # floats in [0, 255]
+        lambda a: a > 0.5,  # bool
+        lambda a: torch.from_numpy(a.astype(np.float32)),  # (H, W)
+        lambda a: torch.from_numpy(a.astype(np.float32))[None],  # (1, H, W)
+        lambda a: torch.from_numpy(a.astype(np.float32))[None, None],  # (1, 1, H, W)
+        lambda a: torch.from_numpy(to_u8(a)).expand(3, -1, -1),  # (3, H, W) uint8
+    ],
+    ids=[
+        "L",
+        "RGB",
+        "RGBA",
+        "LA",
+        "P",
+        "1",
+        "I16",
+        "F",
+        "u8",
+        "HWC3",
+        "HWC4",
+        "HWC1",
+        "u16",
+        "f64",
+        "f255",
+        "bool",
+        "tensor2d",
+        "tensor1hw",
+        "tensor11hw",
+        "tensor3hw",
+    ],
+)
 def test_every_input_type_gives_the_same_digit(reference, make):
     out = preprocess(make(_photo()))
     assert_mnist_format(out)
@@ -293,12 +323,16 @@ def test_gif_with_transparency_index():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("blank", [
-    np.full((100, 100), 255, np.uint8),
-    np.zeros((28, 28), np.uint8),
-    np.full((300, 200), 128, np.uint8),
-    np.zeros((50, 50, 4), np.uint8),  # fully transparent
-], ids=["white", "black28", "grey", "transparent"])
+@pytest.mark.parametrize(
+    "blank",
+    [
+        np.full((100, 100), 255, np.uint8),
+        np.zeros((28, 28), np.uint8),
+        np.full((300, 200), 128, np.uint8),
+        np.zeros((50, 50, 4), np.uint8),  # fully transparent
+    ],
+    ids=["white", "black28", "grey", "transparent"],
+)
 def test_blank_image_raises_no_ink_found(blank):
     with pytest.raises(PreprocessError, match="no ink found"):
         preprocess(blank)
@@ -312,13 +346,16 @@ def test_blank_photo_of_paper_with_noise_and_lighting_raises():
         preprocess(to_u8(np.clip(paper, 0, 1)))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.full((10, 10), np.nan, np.float32), "NaN"),
-    (np.zeros((0, 5), np.uint8), "no pixels"),
-    (np.zeros((2, 3, 4, 5, 6)), "shape"),
-    (np.zeros((5, 5, 7)), "shape"),
-    ("not an image", "cannot read an image"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((10, 10), np.nan, np.float32), "NaN"),
+        (np.zeros((0, 5), np.uint8), "no pixels"),
+        (np.zeros((2, 3, 4, 5, 6)), "shape"),
+        (np.zeros((5, 5, 7)), "shape"),
+        ("not an image", "cannot read an image"),
+    ],
+)
 def test_unusable_arrays_raise_a_digitlab_error(bad, message):
     with pytest.raises(DigitlabError, match=message):
         preprocess(bad)
@@ -329,15 +366,29 @@ def test_unusable_arrays_raise_a_digitlab_error(bad, message):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt, mode, options", [
-    ("PNG", "L", {}), ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "I;16", {}),
-    ("JPEG", "L", {"quality": 85}), ("JPEG", "RGB", {"quality": 85}), ("BMP", "RGB", {}), ("GIF", "P", {}),
-    ("WEBP", "RGB", {"quality": 90}), ("TIFF", "L", {}), ("TIFF", "I;16", {}),
-])
+@pytest.mark.parametrize(
+    "fmt, mode, options",
+    [
+        ("PNG", "L", {}),
+        ("PNG", "RGB", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "I;16", {}),
+        ("JPEG", "L", {"quality": 85}),
+        ("JPEG", "RGB", {"quality": 85}),
+        ("BMP", "RGB", {}),
+        ("GIF", "P", {}),
+        ("WEBP", "RGB", {"quality": 90}),
+        ("TIFF", "L", {}),
+        ("TIFF", "I;16", {}),
+    ],
+)
 def test_load_image_formats(reference, fmt, mode, options):
     photo = _photo()
-    image = (Image.fromarray(np.rint(photo * 65535).astype(np.uint16)) if mode == "I;16"
-             else Image.fromarray(to_u8(photo)).convert(mode))
+    image = (
+        Image.fromarray(np.rint(photo * 65535).astype(np.uint16))
+        if mode == "I;16"
+        else Image.fromarray(to_u8(photo)).convert(mode)
+    )
     loaded = load_image(encoded(image, fmt, **options))
     assert agreement(preprocess(loaded), reference["7"]) > 0.85
 
@@ -379,16 +430,19 @@ def _truncated_png() -> bytes:
 def _corrupt_header_jpeg() -> bytes:
     data = bytearray(encoded(Image.fromarray(to_u8(_photo())), "JPEG"))
     start = data.index(b"\xff\xc0")  # start-of-frame: image size and components
-    data[start + 5:start + 9] = b"\x00\x00\x00\x00"  # zero height and width
+    data[start + 5 : start + 9] = b"\x00\x00\x00\x00"  # zero height and width
     return bytes(data)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty file"),
-    (b"hello, this is text and not a picture\n", "not an image"),
-    (_truncated_png(), "truncated or corrupt image data"),
-    (_corrupt_header_jpeg(), "corrupt"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"hello, this is text and not a picture\n", "not an image"),
+        (_truncated_png(), "truncated or corrupt image data"),
+        (_corrupt_header_jpeg(), "corrupt"),
+    ],
+)
 def test_load_image_rejects_bad_bytes_naming_the_input(data, message):
     with pytest.raises(ImageError, match=message) as info:
         load_image(data, name="upload.bin")
@@ -399,8 +453,11 @@ def test_load_image_rejects_bad_bytes_naming_the_input(data, message):
 def test_load_image_refuses_images_over_the_pixel_limit_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(path)  # 48 megapixels in a small file
-    with pytest.raises(ImageError, match=r"huge.png: image too large: 8000x6000 = 48.0 megapixels \(the limit is "
-                                         r"40 megapixels\)"):
+    with pytest.raises(
+        ImageError,
+        match=r"huge.png: image too large: 8000x6000 = 48.0 megapixels \(the limit is "
+        r"40 megapixels\)",
+    ):
         load_image(path)
 
 
@@ -453,8 +510,17 @@ def test_label_components_matches_a_flood_fill(seed):
 def test_stages_are_in_order_and_end_with_the_output():
     photo = to_u8(on_paper(ink_mask("2", 300)))
     stages = preprocess_stages(photo)
-    assert list(stages) == ["grayscale", "polarity", "background", "flattened", "denoised", "digit", "cropped",
-                            "scaled", "final"]
+    assert list(stages) == [
+        "grayscale",
+        "polarity",
+        "background",
+        "flattened",
+        "denoised",
+        "digit",
+        "cropped",
+        "scaled",
+        "final",
+    ]
     np.testing.assert_array_equal(stages["final"], preprocess(photo))
     assert stages["scaled"].shape[0] == 20 or stages["scaled"].shape[1] == 20
 
@@ -492,7 +558,7 @@ def kept_ink(picture, truth: np.ndarray, slack: int = 1) -> float:
 
 def tight(ink: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(ink > 0.5)
-    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
 
 @pytest.mark.parametrize("shape, stroke", [(s, 0.09) for s in "72401"] + [(s, 0.2) for s in "7241"])
@@ -515,8 +581,11 @@ def test_enlarged_binary_scan_keeps_its_ink(size):
     assert_mnist_format(preprocess(picture))
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: with more ink than paper and a border mostly paper-free, "
-                   "the polarity test takes the paper for the ink")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: with more ink than paper and a border mostly paper-free, "
+    "the polarity test takes the paper for the ink",
+)
 def test_ink_heavy_tight_crop_is_not_blank():
     # More ink than paper: the noise statistics must not come from the ink (was "no ink found").
     ink = tight(ink_mask("2", 200, digit=0.95, stroke=0.3))
@@ -528,7 +597,7 @@ def test_ink_heavy_tight_crop_is_not_blank():
 def test_a_stroke_along_the_border_is_not_a_page_edge():
     # A "7" whose bar is the picture's top row: once erased as the page's edge.
     ink = tight(ink_mask("7", 300, digit=0.9, stroke=0.1))
-    top = ink[:max(2, ink.shape[0] // 10)].mean()
+    top = ink[: max(2, ink.shape[0] // 10)].mean()
     assert top > 0.6  # the top rows are mostly ink, like a band
     assert kept_ink(to_u8(on_paper(ink)), ink) >= 0.97
 

@@ -14,8 +14,9 @@ from .conftest import run_main, save_random_checkpoint
 def predictor(request, tmp_path_factory):
     from digitlab.prediction import Predictor
 
-    path = save_random_checkpoint(tmp_path_factory.mktemp(request.param) / "best", request.param,
-                                  random_batch_norm=True)
+    path = save_random_checkpoint(
+        tmp_path_factory.mktemp(request.param) / "best", request.param, random_batch_norm=True
+    )
     return Predictor.from_checkpoint(path, device="cpu")
 
 
@@ -42,8 +43,9 @@ def test_map_explains_the_margin_between_the_digit_and_the_runner_up(predictor):
     assert (result.digit, result.runner_up) == (int(order[0]), int(order[1]))
     assert np.all(result.map[x == 0] == 0)  # black baseline: pixels without ink get no credit
     # completeness: the map sums to the margin's change from a black image to x
-    change = margin(predictor, x, result.digit, result.runner_up) - margin(predictor, np.zeros_like(x),
-                                                                            result.digit, result.runner_up)
+    change = margin(predictor, x, result.digit, result.runner_up) - margin(
+        predictor, np.zeros_like(x), result.digit, result.runner_up
+    )
     assert result.map.sum() == pytest.approx(change, rel=0.05, abs=0.02)
 
 
@@ -83,8 +85,9 @@ def test_cli_predict_explain_writes_a_png_per_input(tmp_path, monkeypatch, capsy
         Image.fromarray((seven() * 255).astype(np.uint8)).save(images / name)
     (images / "c.png").write_bytes(b"not an image")
     out = tmp_path / "why"
-    code, stdout, stderr = run_main(monkeypatch, capsys, "predict", "--checkpoint", str(path), "--device", "cpu",
-                                    "--explain", str(out), str(images))
+    code, stdout, stderr = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", str(path), "--device", "cpu", "--explain", str(out), str(images)
+    )
     assert code == 1 and "c.png" in stderr  # the bad file is reported; the others are explained
     written = sorted(p.name for p in out.iterdir())
     assert len(written) == 2 and written[0].startswith("00000-") and "a.png" in written[0]

@@ -40,7 +40,6 @@ LIMIT = 50_000  # a small body limit so the 413 tests send little
 # ----------------------------------------------------------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-ckpt")
@@ -258,8 +257,9 @@ def test_explain_cnn_adds_feature_maps(ckpt_dir):
     from digitlab.prediction import Predictor
     from digitlab.serving import create_app
 
-    cnn = Predictor.from_checkpoint(save_random_checkpoint(ckpt_dir / "cnn", "cnn", metrics=SIDECAR_METRICS,
-                                                     epoch=2), device="cpu")
+    cnn = Predictor.from_checkpoint(
+        save_random_checkpoint(ckpt_dir / "cnn", "cnn", metrics=SIDECAR_METRICS, epoch=2), device="cpu"
+    )
     with TestClient(create_app(cnn)) as c:
         data = png_bytes(digit_array(0))
         body = c.post("/api/predict?explain=true", files={"file": ("0.png", data, "image/png")}).json()
@@ -309,8 +309,11 @@ def test_default_limit_is_5_mb(predictor):
     with TestClient(create_app(predictor)) as c:
         body = b"x" * 5_000_001
         expect_error(c.post("/api/predict", content=body, headers={"content-type": "application/json"}), 413)
-        expect_error(c.post("/api/predict", content=body[:-2], headers={"content-type": "application/json"}),
-                     400, "not valid json")
+        expect_error(
+            c.post("/api/predict", content=body[:-2], headers={"content-type": "application/json"}),
+            400,
+            "not valid json",
+        )
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "image/png", "application/x-www-form-urlencoded", None])
@@ -321,44 +324,53 @@ def test_wrong_content_type_is_415(client, content_type):
 
 
 def test_not_an_image_is_400(client):
-    expect_error(client.post("/api/predict", files={"file": ("x.png", b"hello, not a png", "image/png")}),
-                 400, "file 'x.png'", "not an image")
+    expect_error(
+        client.post("/api/predict", files={"file": ("x.png", b"hello, not a png", "image/png")}),
+        400,
+        "file 'x.png'",
+        "not an image",
+    )
     pdf = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"
-    expect_error(client.post("/api/predict", json={"image": base64.b64encode(pdf).decode()}), 400,
-                 '"image"', "not an image")
+    expect_error(
+        client.post("/api/predict", json={"image": base64.b64encode(pdf).decode()}), 400, '"image"', "not an image"
+    )
 
 
 def test_corrupt_image_is_400(client):
     data = png_bytes(digit_array(4, size=120))
-    expect_error(client.post("/api/predict", files={"file": ("cut.png", data[: len(data) // 2], "image/png")}),
-                 400, "image")
+    expect_error(
+        client.post("/api/predict", files={"file": ("cut.png", data[: len(data) // 2], "image/png")}), 400, "image"
+    )
     flipped = bytearray(data)
     flipped[60:80] = b"\x00" * 20  # damaged image data: CRC and zlib stream no longer match
-    expect_error(client.post("/api/predict", files={"file": ("bad.png", bytes(flipped), "image/png")}),
-                 400, "image")
+    expect_error(client.post("/api/predict", files={"file": ("bad.png", bytes(flipped), "image/png")}), 400, "image")
 
 
 def test_blank_image_is_422(client):
     black = png_bytes(np.zeros((28, 28), np.uint8))
-    expect_error(client.post("/api/predict", files={"file": ("black.png", black, "image/png")}), 422,
-                 "black.png", "no ink")
+    expect_error(
+        client.post("/api/predict", files={"file": ("black.png", black, "image/png")}), 422, "black.png", "no ink"
+    )
     expect_error(client.post("/api/predict", json={"pixels": [0] * 784}), 422, "blank")
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ("{not json", 400, ["not valid json"]),
-    ("[1, 2, 3]", 422, ["object"]),
-    ("{}", 422, ["image", "pixels", "neither"]),
-    ('{"image": "", "pixels": []}', 422, ["both"]),
-    ('{"image": 12}', 422, ["base64 string"]),
-    ('{"image": "***not base64***"}', 400, ["base64"]),
-    ('{"image": "data:image/png,abc"}', 400, ["data url"]),
-    ('{"pixels": [0.5, 0.5]}', 422, ["784", "got 2"]),
-    ('{"pixels": "all white"}', 422, ["list"]),
-    ('{"pixels": [' + ",".join(["2"] * 784) + "]}", 422, ["[0, 1]"]),
-    ('{"pixels": [' + ",".join(["NaN"] * 784) + "]}", 422, ["finite"]),
-    ('{"pixels": [' + ",".join(["true"] * 784) + "]}", 422, ["numbers"]),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ("{not json", 400, ["not valid json"]),
+        ("[1, 2, 3]", 422, ["object"]),
+        ("{}", 422, ["image", "pixels", "neither"]),
+        ('{"image": "", "pixels": []}', 422, ["both"]),
+        ('{"image": 12}', 422, ["base64 string"]),
+        ('{"image": "***not base64***"}', 400, ["base64"]),
+        ('{"image": "data:image/png,abc"}', 400, ["data url"]),
+        ('{"pixels": [0.5, 0.5]}', 422, ["784", "got 2"]),
+        ('{"pixels": "all white"}', 422, ["list"]),
+        ('{"pixels": [' + ",".join(["2"] * 784) + "]}", 422, ["[0, 1]"]),
+        ('{"pixels": [' + ",".join(["NaN"] * 784) + "]}", 422, ["finite"]),
+        ('{"pixels": [' + ",".join(["true"] * 784) + "]}", 422, ["numbers"]),
+    ],
+)
 def test_bad_json_bodies(client, body, status, words):
     response = client.post("/api/predict", content=body.encode(), headers={"content-type": "application/json"})
     expect_error(response, status, *words)
@@ -375,9 +387,11 @@ def test_bad_explain_flag_and_unknown_routes_are_json(client):
 
 
 def test_server_still_serves_after_every_kind_of_bad_input(client):
-    for kwargs in [dict(content=b"\xff" * 10, headers={"content-type": "application/json"}),
-                   dict(files={"file": ("x", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png")}),
-                   dict(content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})]:
+    for kwargs in [
+        dict(content=b"\xff" * 10, headers={"content-type": "application/json"}),
+        dict(files={"file": ("x", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png")}),
+        dict(content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}),
+    ]:
         assert client.post("/api/predict", **kwargs).status_code in (400, 415, 422)
     assert client.get("/healthz").status_code == 200
     assert client.post("/api/predict", json={"pixels": [0.5] * 784}).status_code == 200
@@ -391,8 +405,9 @@ def test_server_still_serves_after_every_kind_of_bad_input(client):
 def test_cors_is_off_by_default(client):
     response = client.get("/api/model", headers={"origin": "https://elsewhere.example"})
     assert "access-control-allow-origin" not in response.headers
-    preflight = client.options("/api/predict", headers={"origin": "https://elsewhere.example",
-                                                        "access-control-request-method": "POST"})
+    preflight = client.options(
+        "/api/predict", headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
 
@@ -404,9 +419,14 @@ def test_cors_allows_only_the_given_origin(predictor):
         assert ok.headers["access-control-allow-origin"] == "https://app.example"
         other = c.get("/api/model", headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
-        preflight = c.options("/api/predict", headers={"origin": "https://app.example",
-                                                       "access-control-request-method": "POST",
-                                                       "access-control-request-headers": "content-type"})
+        preflight = c.options(
+            "/api/predict",
+            headers={
+                "origin": "https://app.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert "POST" in preflight.headers["access-control-allow-methods"]
 
@@ -447,8 +467,11 @@ def test_inference_never_runs_on_the_event_loop(client, predictor):
 
 def test_concurrent_requests_get_their_own_answers(app, client):
     rng = np.random.default_rng(0)
-    inputs = [np.clip(digit_array(k).astype(np.float32) / 255 + rng.uniform(0, 0.3, (28, 28)), 0, 1)
-              for k in (0, 1, 4, 7) for _ in range(6)]
+    inputs = [
+        np.clip(digit_array(k).astype(np.float32) / 255 + rng.uniform(0, 0.3, (28, 28)), 0, 1)
+        for k in (0, 1, 4, 7)
+        for _ in range(6)
+    ]
     payloads = [{"pixels": x.ravel().tolist()} for x in inputs]
     sequential = [client.post("/api/predict?explain=true", json=p).json() for p in payloads]
 
@@ -472,10 +495,15 @@ def test_create_app_does_not_load_anything(predictor, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("create_app loaded something")
 
-    for owner, name in [(checkpoint, "load"), (checkpoint, "read_info"), (checkpoint, "safetensors_load"),
-                        (safetensors.torch, "load_file"),
-                        (torch, "load"), (prediction.Predictor, "from_checkpoint"),
-                        (prediction.Predictor, "from_onnx")]:
+    for owner, name in [
+        (checkpoint, "load"),
+        (checkpoint, "read_info"),
+        (checkpoint, "safetensors_load"),
+        (safetensors.torch, "load_file"),
+        (torch, "load"),
+        (prediction.Predictor, "from_checkpoint"),
+        (prediction.Predictor, "from_onnx"),
+    ]:
         monkeypatch.setattr(owner, name, forbidden)
     runs = []
     handles = [m.register_forward_hook(lambda *a: runs.append(1)) for m in predictor.model.modules()]
@@ -516,8 +544,7 @@ def test_bind_socket_defaults_and_errors():
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "digitlab", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "digitlab", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_serve_errors_are_one_line(tmp_path):
@@ -540,9 +567,26 @@ def test_cli_serve_errors_are_one_line(tmp_path):
 def test_cli_serve_runs_uvicorn_on_localhost_by_default(mlp_path):
     """`digitlab serve --port 0`: loads the checkpoint, listens on 127.0.0.1, answers, stops on Ctrl+C."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", "--checkpoint", str(mlp_path),
-                             "--port", "0", "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "digitlab",
+            "serve",
+            "--checkpoint",
+            str(mlp_path),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()  # "digitlab: serving mlp from ... on http://127.0.0.1:PORT (Ctrl+C to stop)"
         assert " on http://127.0.0.1:" in line, f"stdout {line!r}"
@@ -698,12 +742,15 @@ def test_host_allow_list_stops_dns_rebinding(predictor):
         assert c.get("/healthz", headers={"host": "anything.example"}).status_code == 200
 
 
-@pytest.mark.parametrize("body", [
-    '{"pixels": [' + "1" * 5000 + "]}",  # int("1" * 5000) raised ValueError: a 500
-    '{"pixels": ' + "[" * 200_000 + "]" * 200_000 + "}",  # RecursionError: a 500
-    '{"image": "x", "deep": ' + "[" * 200_000 + "]" * 200_000 + "}",
-    "1" * 5000,
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"pixels": [' + "1" * 5000 + "]}",  # int("1" * 5000) raised ValueError: a 500
+        '{"pixels": ' + "[" * 200_000 + "]" * 200_000 + "}",  # RecursionError: a 500
+        '{"image": "x", "deep": ' + "[" * 200_000 + "]" * 200_000 + "}",
+        "1" * 5000,
+    ],
+)
 def test_json_limits_are_400(predictor, body):
     from digitlab.serving import create_app
 
@@ -725,8 +772,10 @@ def big_png(width: int, height: int) -> bytes:
     left, right = int(width * 0.45), int(width * 0.55)
     ink = b"\xff\xff\xff\xff" * left + b"\x10\x10\x10\xff" * (right - left) + b"\xff\xff\xff\xff" * (width - right)
     packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(b"\x00" + (ink if 0.2 * height <= y < 0.8 * height else paper))
-                    for y in range(height)) + packer.flush()
+    data = (
+        b"".join(packer.compress(b"\x00" + (ink if 0.2 * height <= y < 0.8 * height else paper)) for y in range(height))
+        + packer.flush()
+    )
     header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
@@ -762,8 +811,12 @@ def test_big_png_is_decoded_reduced_within_a_memory_bound(mlp_path, tmp_path):
     assert len(path.read_bytes()) < 300_000
 
     def run(budget: int) -> tuple[float, str]:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(mlp_path), str(path), str(budget)],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(mlp_path), str(path), str(budget)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         grown, result = out.stdout.strip().splitlines()[-1].split("|")
         return float(grown.split()[0]), result
@@ -812,8 +865,9 @@ def test_decodes_run_at_most_max_decodes_at_once(predictor):
     async def six_at_once():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
-            return await asyncio.gather(*(ac.post("/api/predict", files={"file": ("7.png", data, "image/png")})
-                                          for _ in range(6)))
+            return await asyncio.gather(
+                *(ac.post("/api/predict", files={"file": ("7.png", data, "image/png")}) for _ in range(6))
+            )
 
     assert all(r.status_code == 200 for r in asyncio.run(six_at_once()))
     assert peak[0] == 2
@@ -831,8 +885,11 @@ def guarded_server(predictor):
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     app = create_app(predictor, body_timeout=0.5, allowed_hosts=["127.0.0.1"])
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="critical", header_timeout=0.5,
-                                           keep_alive_timeout=1, max_connections=20))
+    server = uvicorn.Server(
+        uvicorn_config(
+            app, "127.0.0.1", port, log_level="critical", header_timeout=0.5, keep_alive_timeout=1, max_connections=20
+        )
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(200):
@@ -874,8 +931,10 @@ def test_slow_clients_are_cut_off(guarded_server):
         time.sleep(0.1)
         for _ in range(5):  # half-sent bodies
             conn = socket.create_connection(("127.0.0.1", port))
-            conn.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000\r\n\r\n{\"pixels\": [0.5, ")
+            conn.sendall(
+                b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"pixels": [0.5, '
+            )
             conns.append(("body", conn))
         time.sleep(0.2)
         over = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # over the cap of 20

@@ -18,10 +18,20 @@ from .conftest import run_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cores, busy, expected", [
-    (2, None, 2), (2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.0, 1), (2, 7.5, 1),
-    (16, 3.2, 13), (1, 0.0, 1),
-])
+@pytest.mark.parametrize(
+    "cores, busy, expected",
+    [
+        (2, None, 2),
+        (2, 0.0, 2),
+        (2, 0.4, 2),
+        (2, 0.6, 1),
+        (2, 1.0, 1),
+        (2, 2.0, 1),
+        (2, 7.5, 1),
+        (16, 3.2, 13),
+        (1, 0.0, 1),
+    ],
+)
 def test_threads_are_the_cores_others_leave_free(cores, busy, expected):
     assert threads.choose_threads(cores, busy) == expected
 
@@ -60,13 +70,25 @@ def test_busy_sample_on_this_machine_is_a_core_count():
 
 def configured(kind: str, **env: str) -> dict:
     """threads.configure(kind) in a fresh process, then torch imported: what torch and libgomp were given."""
-    code = (f"import json, os; from digitlab import threads; p = threads.configure({kind!r}); import torch; "
-            "print(json.dumps({'threads': torch.get_num_threads(), 'policy': p.threads, 'reason': p.reason, "
-            "'spin': os.environ.get('GOMP_SPINCOUNT'), 'omp': os.environ.get('OMP_NUM_THREADS')}))")
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("DIGITLAB_THREADS", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    result = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                            timeout=120, cwd=REPO, check=False)
+    code = (
+        f"import json, os; from digitlab import threads; p = threads.configure({kind!r}); import torch; "
+        "print(json.dumps({'threads': torch.get_num_threads(), 'policy': p.threads, 'reason': p.reason, "
+        "'spin': os.environ.get('GOMP_SPINCOUNT'), 'omp': os.environ.get('OMP_NUM_THREADS')}))"
+    )
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DIGITLAB_THREADS", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -109,17 +131,21 @@ def test_configure_after_torch_is_imported_sets_the_count_directly(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "--data", "NOWHERE", "--quiet"],
-    ["evaluate", "--checkpoint", "NOWHERE"],
-    ["predict", "--checkpoint", "NOWHERE", "x.png"],
-    ["serve", "--checkpoint", "NOWHERE"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "NOWHERE", "--quiet"],
+        ["evaluate", "--checkpoint", "NOWHERE"],
+        ["predict", "--checkpoint", "NOWHERE", "x.png"],
+        ["serve", "--checkpoint", "NOWHERE"],
+    ],
+)
 def test_the_commands_configure_threads_first(monkeypatch, capsys, tmp_path, args):
     calls: list[str] = []
     monkeypatch.setattr(threads, "configure", lambda kind: calls.append(kind))
-    monkeypatch.setattr("digitlab.datafiles.download_dataset",
-                        lambda *a, **k: (_ for _ in ()).throw(DataError("offline in tests")))
+    monkeypatch.setattr(
+        "digitlab.datafiles.download_dataset", lambda *a, **k: (_ for _ in ()).throw(DataError("offline in tests"))
+    )
     args = [str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
     code, _, _ = run_main(monkeypatch, capsys, *args)
     assert code == 1 and calls == [args[0]]

@@ -21,8 +21,19 @@ from .conftest import run_main, write_dataset
 
 
 def tiny_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    base = TrainConfig(model="mlp", epochs=3, batch_size=32, lr=3e-3, val_size=64, seed=1, device="cpu",
-                       precision="fp32", data=str(data_dir), out=str(out), quiet=True)
+    base = TrainConfig(
+        model="mlp",
+        epochs=3,
+        batch_size=32,
+        lr=3e-3,
+        val_size=64,
+        seed=1,
+        device="cpu",
+        precision="fp32",
+        data=str(data_dir),
+        out=str(out),
+        quiet=True,
+    )
     return replace(base, **overrides)
 
 
@@ -35,8 +46,17 @@ def test_loss_decreases_and_outputs_are_written(tiny_mnist_dir, tmp_path):
     losses = [r["train_loss"] for r in run.history]
     assert losses[-1] < losses[0]
     assert run.best_val_accuracy > 0.9 and run.test_accuracy > 0.9  # the synthetic classes are easy
-    for name in ("config.json", "metrics.jsonl", "curves.png", "best.safetensors", "best.json",
-                 "last.safetensors", "last.json", "last.state.pt", "summary.json"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "last.state.pt",
+        "summary.json",
+    ):
         assert (run.dir / name).is_file(), name
     lines = (run.dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -100,7 +120,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_mnist_dir, tmp_path, 
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     resumed = (interrupted_dir / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("epoch_seconds", "images_per_second")} for x in lines]
+
+    def strip(lines):
+        ignored = ("epoch_seconds", "images_per_second")
+        return [{k: v for k, v in json.loads(x).items() if k not in ignored} for x in lines]
+
     assert strip(straight) == strip(resumed)
 
 
@@ -118,12 +142,15 @@ def test_same_seed_same_weights(tiny_mnist_dir, tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"epochs": 0}, "--epochs 0: must be >= 1"),
-    ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
-    ({"model": "resnet"}, "--model 'resnet'"),
-    ({"target_accuracy": 99.0}, "--target-accuracy 99.0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"epochs": 0}, "--epochs 0: must be >= 1"),
+        ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
+        ({"model": "resnet"}, "--model 'resnet'"),
+        ({"target_accuracy": 99.0}, "--target-accuracy 99.0"),
+    ],
+)
 def test_bad_config_values_are_rejected(override, message, tmp_path):
     with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         replace(TrainConfig(), **override).resolved()
@@ -134,8 +161,9 @@ def test_resume_of_a_dir_that_is_not_a_run(tmp_path):
         train(TrainConfig(resume=str(tmp_path), quiet=True))
 
 
-def test_resume_with_optimizer_state_from_another_version_is_a_one_line_error(tiny_mnist_dir, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_resume_with_optimizer_state_from_another_version_is_a_one_line_error(
+    tiny_mnist_dir, tmp_path, monkeypatch, capsys
+):
     """A last.state.pt whose optimizer state has another layout (e.g. torch.optim's) cannot be resumed."""
     run = train(tiny_config(tiny_mnist_dir, tmp_path / "run", epochs=1))
     state_path = run.dir / "last.state.pt"
@@ -160,17 +188,42 @@ def reseal(base: Path) -> None:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "digitlab", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "digitlab", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_sigint_saves_last_and_exits_130_then_resumes(tmp_path):
     data_dir = write_dataset(tmp_path / "data", n_train=8192, n_test=128)
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "digitlab", "train", "--data", str(data_dir), "--out", str(out), "--epochs", "50",
-         "--batch-size", "16", "--device", "cpu", "--val-size", "64", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "digitlab",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "50",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--val-size",
+            "64",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -183,8 +236,12 @@ def test_cli_sigint_saves_last_and_exits_130_then_resumes(tmp_path):
     state = checkpoint.load_state(out / "last")
     assert state["epoch"] >= 1
     # SIGTERM, as a job scheduler would send it, gives 143.
-    proc = subprocess.Popen([sys.executable, "-m", "digitlab", "train", "--resume", str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "digitlab", "train", "--resume", str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     while proc.poll() is None and not _later_epoch(out, state["epoch"]):
         time.sleep(0.05)
@@ -214,8 +271,7 @@ def test_default_mlp_training_reaches_98_percent(mnist_dir, tmp_path):
 @pytest.mark.slow
 def test_quick_recipe_reaches_99_percent(mnist_dir, tmp_path):
     """The `quick` recipe's promise, on the real data (CI's accuracy gate for the CNN)."""
-    result = run_cli("train", "--recipe", "quick", "--data", str(mnist_dir), "--out", str(tmp_path / "run"),
-                     "--quiet")
+    result = run_cli("train", "--recipe", "quick", "--data", str(mnist_dir), "--out", str(tmp_path / "run"), "--quiet")
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -233,17 +289,26 @@ def test_a_recipe_fills_what_was_not_given_and_names_its_model():
     cfg = TrainConfig(recipe="quick", epochs=3).resolved()
     quick = training.RECIPES["quick"]
     assert (cfg.model, cfg.recipe, cfg.epochs, cfg.batch_size, cfg.lr, cfg.augment) == (
-        "cnn", "quick", 3, quick.batch_size, quick.lr, quick.augment)
+        "cnn",
+        "quick",
+        3,
+        quick.batch_size,
+        quick.lr,
+        quick.augment,
+    )
     assert TrainConfig().resolved().recipe == "mlp"
     assert TrainConfig(model="cnn").resolved().recipe == "cnn"
     best = TrainConfig(recipe="best").resolved()
     assert best.model_config == {"channels": [32, 64, 128], "convs_per_stage": 2}
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"recipe": "fastest"}, "--recipe 'fastest': expected one of"),
-    ({"recipe": "quick", "model": "mlp"}, "--recipe quick trains a cnn, not a mlp"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"recipe": "fastest"}, "--recipe 'fastest': expected one of"),
+        ({"recipe": "quick", "model": "mlp"}, "--recipe quick trains a cnn, not a mlp"),
+    ],
+)
 def test_bad_recipes_are_rejected(override, message):
     with pytest.raises(training.ConfigError, match=message):
         TrainConfig(**override).resolved()
@@ -258,8 +323,9 @@ def test_list_recipes_names_each_with_its_measurement(monkeypatch, capsys):
 
 
 def test_the_best_recipes_model_is_built_from_the_recipe(tiny_mnist_dir, tmp_path):
-    run = train(tiny_config(tiny_mnist_dir, tmp_path / "run", model=None, recipe="best", epochs=1,
-                            batch_size=64, augment=False))
+    run = train(
+        tiny_config(tiny_mnist_dir, tmp_path / "run", model=None, recipe="best", epochs=1, batch_size=64, augment=False)
+    )
     assert checkpoint.read_info(run.dir).model_config["convs_per_stage"] == 2
 
 
@@ -356,8 +422,24 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tiny_mnist_dir, tmp_path, m
 
     monkeypatch.setattr(training, "train_step", step_then_two_signals)
     out = tmp_path / "run"
-    code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(tiny_mnist_dir), "--out", str(out),
-                            "--epochs", "3", "--batch-size", "32", "--val-size", "64", "--device", "cpu", "--quiet")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        str(tiny_mnist_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--val-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 130 and err.count("\n") == 1, err
     assert "interrupted again (second Ctrl-C): stopped at once, without saving" in err
     assert f"digitlab train --resume {out}" in err
@@ -396,8 +478,11 @@ def test_out_onto_an_existing_run_needs_overwrite(tiny_mnist_dir, tmp_path, monk
     out = tmp_path / "run"
     first = train(tiny_config(tiny_mnist_dir, out, epochs=1))
     before = (out / "last.safetensors").read_bytes()
-    with pytest.raises(training.ConfigError, match=rf"--out {out}: already holds a training run \(config.json, "
-                                                   r"metrics.jsonl, summary.json, \.\.\.\); pass --overwrite"):
+    with pytest.raises(
+        training.ConfigError,
+        match=rf"--out {out}: already holds a training run \(config.json, "
+        r"metrics.jsonl, summary.json, \.\.\.\); pass --overwrite",
+    ):
         train(tiny_config(tiny_mnist_dir, out, epochs=1))
     code, _, err = run_main(monkeypatch, capsys, "train", "--data", str(tiny_mnist_dir), "--out", str(out), "-q")
     assert code == 1 and err.count("\n") == 1 and "pass --overwrite to replace it" in err
@@ -418,11 +503,28 @@ def _fake_run_dir(path: Path, **overrides) -> Path:
 def test_options_that_conflict_with_resume_are_one_line_naming_them(tmp_path, monkeypatch, capsys):
     """Defect 3: these four options used to be ignored silently."""
     run_dir = _fake_run_dir(tmp_path / "run")
-    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run_dir), "--epochs", "5", "--model", "mlp",
-                            "--lr", "0.5", "--out", str(tmp_path / "elsewhere"))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "train",
+        "--resume",
+        str(run_dir),
+        "--epochs",
+        "5",
+        "--model",
+        "mlp",
+        "--lr",
+        "0.5",
+        "--out",
+        str(tmp_path / "elsewhere"),
+    )
     assert code == 2 and err.count("\n") == 1, err
-    for option in ("--epochs 5 (its onecycle schedule is planned over 16 epochs)", "--model mlp", "--lr 0.5",
-                   f"--out {tmp_path / 'elsewhere'}"):
+    for option in (
+        "--epochs 5 (its onecycle schedule is planned over 16 epochs)",
+        "--model mlp",
+        "--lr 0.5",
+        f"--out {tmp_path / 'elsewhere'}",
+    ):
         assert option in err
     # The library says the same; values equal to the run's own are no conflict.
     with pytest.raises(training.ConfigError, match=r"--no-augment, --overwrite: a resumed run keeps"):

@@ -52,8 +52,9 @@ class AugmentConfig:
 DEFAULT = AugmentConfig()
 
 
-def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float,
-             device: torch.device) -> torch.Tensor:
+def _uniform(
+    generator: torch.Generator, shape: tuple[int, ...], low: float, high: float, device: torch.device
+) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * (high - low) + low).to(device)
 
 
@@ -114,8 +115,9 @@ def _ink_x_at_row(pixels: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, (rows * xs).sum(dim=1) / mass.clamp_min(1e-6), torch.full_like(mass, SIZE / 2))
 
 
-def add_style_strokes(pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                      probability: float) -> torch.Tensor:
+def add_style_strokes(
+    pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, probability: float
+) -> torch.Tensor:
     """Give some 7s a crossbar, and some 1s a flag at the top and/or a base at the bottom.
 
     Both styles are common in Europe and rare in MNIST, whose models then read a flagged 1 as a 7 and a
@@ -142,8 +144,9 @@ def _draw_style(pixels: torch.Tensor, seven: torch.Tensor, r: torch.Tensor) -> t
     top_x = _ink_x_at_row(pixels, top + 1)
     flag_len = height * (0.25 + 0.15 * r[:, 3])
     angle = math.radians(30) + r[:, 4] * math.radians(30)  # below the horizontal
-    flag = torch.stack([top + 0.5, top_x, top + 0.5 + flag_len * torch.sin(angle),
-                        top_x - flag_len * torch.cos(angle)], dim=1)
+    flag = torch.stack(
+        [top + 0.5, top_x, top + 0.5 + flag_len * torch.sin(angle), top_x - flag_len * torch.cos(angle)], dim=1
+    )
     foot_x = _ink_x_at_row(pixels, bottom - 1)
     base_half = height * (0.15 + 0.1 * r[:, 5])
     base = torch.stack([bottom - 0.5, foot_x - base_half, bottom - 0.5, foot_x + base_half], dim=1)
@@ -166,8 +169,7 @@ def dilate(pixels: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(pixels, 3, stride=1, padding=1)
 
 
-def vary_stroke_width(pixels: torch.Tensor, generator: torch.Generator, thicker: float,
-                      thinner: float) -> torch.Tensor:
+def vary_stroke_width(pixels: torch.Tensor, generator: torch.Generator, thicker: float, thinner: float) -> torch.Tensor:
     """Thicker strokes for some images, thinner for others.
 
     Thicker: a 3x3 dilation blended in by a random amount, so widths between one step and the next occur.
@@ -206,8 +208,9 @@ def warp(pixels: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig) -
     stretch = 1 + widen * (r[:, 3] + 1) / 2 * ((height / width.clamp_min(1)).clamp(1, 3) - 1)
     # The forward map (input -> output coordinates): rotate, shear, then scale x by zoom*stretch and y by zoom.
     cos, sin = torch.cos(angle), torch.sin(angle)
-    forward = torch.stack([torch.stack([cos + shear * sin, -sin + shear * cos], 1),
-                           torch.stack([sin, cos], 1)], 1)  # (B, 2, 2), rows: x, y
+    forward = torch.stack(
+        [torch.stack([cos + shear * sin, -sin + shear * cos], 1), torch.stack([sin, cos], 1)], 1
+    )  # (B, 2, 2), rows: x, y
     forward = forward * torch.stack([zoom * stretch, zoom], 1).unsqueeze(2)
     # affine_grid maps output coordinates back to input ones: the inverse of a 2x2 matrix, written out.
     a, b_, c, d = forward[:, 0, 0], forward[:, 0, 1], forward[:, 1, 0], forward[:, 1, 1]
@@ -267,15 +270,25 @@ def cut_an_edge(pixels: torch.Tensor, generator: torch.Generator, probability: f
         ys, xs = line.view(1, SIZE, 1), line.view(1, 1, SIZE)
         t, bo, le, ri = (box[:, i].view(n, 1, 1) for i in range(4))
         d, s = depth[index].view(n, 1, 1), side[index].view(n, 1, 1)
-        gone = (((s == 0) & (ys < t + d)) | ((s == 1) & (ys > bo - d))
-                | ((s == 2) & (xs < le + d)) | ((s == 3) & (xs > ri - d)))  # (n, 28, 28)
+        gone = (
+            ((s == 0) & (ys < t + d))
+            | ((s == 1) & (ys > bo - d))
+            | ((s == 2) & (xs < le + d))
+            | ((s == 3) & (xs > ri - d))
+        )  # (n, 28, 28)
         return p * ~gone.unsqueeze(1)
 
     return _on_subset(pixels, chosen, cut)
 
 
-def augment_batch(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, mean: float | None,
-                  std: float | None, cfg: AugmentConfig = DEFAULT) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    mean: float | None,
+    std: float | None,
+    cfg: AugmentConfig = DEFAULT,
+) -> torch.Tensor:
     """A normalised batch (B, 1, 28, 28), as the model takes it, through every transform above."""
     pixels = x * std + mean if mean is not None and std is not None else x  # back to [0, 1]
     pixels = add_style_strokes(pixels, labels, generator, cfg.style_strokes)

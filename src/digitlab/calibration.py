@@ -86,9 +86,15 @@ def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_B
     for k in range(bins):
         members = index == k
         count = int(members.sum())
-        out.append(ReliabilityBin(k / bins, (k + 1) / bins, count,
-                                  float(confidence[members].mean()) if count else 0.0,
-                                  float(right[members].mean()) if count else 0.0))
+        out.append(
+            ReliabilityBin(
+                k / bins,
+                (k + 1) / bins,
+                count,
+                float(confidence[members].mean()) if count else 0.0,
+                float(right[members].mean()) if count else 0.0,
+            )
+        )
     return out
 
 
@@ -101,8 +107,9 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(sum(b.count * abs(b.accuracy - b.confidence) for b in table) / total)
 
 
-def selective_accuracy(probabilities: np.ndarray, labels: np.ndarray,
-                       thresholds: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.99)) -> list[dict[str, float]]:
+def selective_accuracy(
+    probabilities: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.99)
+) -> list[dict[str, float]]:
     """What `--reject-below T` buys, for each T: the share of answers kept (confidence >= T) and the
     accuracy on them."""
     probabilities, labels = np.asarray(probabilities), np.asarray(labels)
@@ -111,6 +118,11 @@ def selective_accuracy(probabilities: np.ndarray, labels: np.ndarray,
     rows = []
     for t in thresholds:
         kept = confidence >= t
-        rows.append({"threshold": float(t), "kept": float(kept.mean()) if len(kept) else 0.0,
-                     "accuracy": float(right[kept].mean()) if kept.any() else 1.0})
+        rows.append(
+            {
+                "threshold": float(t),
+                "kept": float(kept.mean()) if len(kept) else 0.0,
+                "accuracy": float(right[kept].mean()) if kept.any() else 1.0,
+            }
+        )
     return rows

@@ -22,7 +22,7 @@ import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def save(
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     info.model = model_name(model)
     info.model_config = model_config(model)
-    info.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info.created = datetime.now(UTC).isoformat(timespec="seconds")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = [(weights_path, safetensors_bytes(tensors, metadata={"format": FORMAT}))]
     info.weights_sha256 = _sha256(files[0][1])
@@ -199,9 +199,13 @@ def read_info(path: str | Path) -> CheckpointInfo:
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{sidecar}: checkpoint format version {version} is newer than this digitlab supports "
-            f"({FORMAT_VERSION}); upgrade digitlab")
-    required = [f.name for f in CheckpointInfo.__dataclass_fields__.values()
-                if f.default is MISSING and f.default_factory is MISSING]
+            f"({FORMAT_VERSION}); upgrade digitlab"
+        )
+    required = [
+        f.name
+        for f in CheckpointInfo.__dataclass_fields__.values()
+        if f.default is MISSING and f.default_factory is MISSING
+    ]
     missing = [name for name in required if name not in raw]
     if missing:
         raise CheckpointError(f"{sidecar}: incomplete sidecar (missing {', '.join(missing)})")
@@ -244,8 +248,11 @@ def _config_problem(name: str, config: Any) -> str | None:
             if not _is_int(value) or not 1 <= value <= limit:
                 return f"{what}: must be an integer from 1 to {limit}"
         elif isinstance(default, tuple):
-            if (not isinstance(value, (list, tuple)) or len(value) != len(default)
-                    or not all(_is_int(v) and 1 <= v <= limit for v in value)):
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != len(default)
+                or not all(_is_int(v) and 1 <= v <= limit for v in value)
+            ):
                 return f"{what}: must be a list of {len(default)} integers from 1 to {limit}"
         elif type(value) is not type(default):
             return f"{what}: must be a {type(default).__name__}"
@@ -260,10 +267,15 @@ def _sidecar_problem(info: CheckpointInfo) -> str | None:
     if problem:
         return problem
     names = info.class_names
-    if (not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES
-            or not all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_LENGTH for n in names)):
-        return (f"class_names {_show(names)}: must be a list of 1 to {MAX_CLASSES} names "
-                f"(non-empty strings of at most {MAX_NAME_LENGTH} characters)")
+    if (
+        not isinstance(names, list)
+        or not 1 <= len(names) <= MAX_CLASSES
+        or not all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_LENGTH for n in names)
+    ):
+        return (
+            f"class_names {_show(names)}: must be a list of 1 to {MAX_CLASSES} names "
+            f"(non-empty strings of at most {MAX_NAME_LENGTH} characters)"
+        )
     if len(set(names)) != len(names):
         return f"class_names {_show(names)}: names must be unique"
     outputs = info.model_config.get("num_classes", MODELS[info.model].config_cls().num_classes)
@@ -309,11 +321,14 @@ def _read_verified(path: Path, expected: str, sidecar: Path, what: str) -> bytes
     if expected and _sha256(payload) != expected:
         raise CheckpointError(
             f"{path}: truncated or corrupt {what}: SHA-256 differs from the one {sidecar.name} records "
-            f"(a damaged file, or a save that was interrupted)")
+            f"(a damaged file, or a save that was interrupted)"
+        )
     return payload
 
 
-def load(path: str | Path, expect_model: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+def load(
+    path: str | Path, expect_model: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointInfo]:
     """Build the model a checkpoint describes and load its weights; validates everything on the way."""
     weights = resolve(path)
     _, sidecar, _ = paths(weights)
@@ -333,8 +348,9 @@ def load(path: str | Path, expect_model: str | None = None, device: str | torch.
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         detail = (message_lines(exc)[1:2] or ["shape or key mismatch"])[0]  # line 1 names the model class only
-        raise CheckpointError(f"{weights}: weights do not fit a {info.model!r} model (as {sidecar.name} "
-                              f"describes it): {detail[:160]}") from None
+        raise CheckpointError(
+            f"{weights}: weights do not fit a {info.model!r} model (as {sidecar.name} describes it): {detail[:160]}"
+        ) from None
     return model.to(device).eval(), info
 
 

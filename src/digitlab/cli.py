@@ -117,10 +117,14 @@ _TRAIN_FIELDS = {"data_dir": "data"}
 def train(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="mlp (the tutorial's network, the default) or cnn."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named recipe (see --list-recipes): quick, "
-                                         "best, ... Default: the model's own (mlp or cnn)."),
-    list_recipes: bool = typer.Option(False, "--list-recipes", help="Name each recipe with what it measured, "
-                                      "and exit."),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        help="A named recipe (see --list-recipes): quick, best, ... Default: the model's own (mlp or cnn).",
+    ),
+    list_recipes: bool = typer.Option(
+        False, "--list-recipes", help="Name each recipe with what it measured, and exit."
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the recipe's (mlp 2, cnn 16)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default 256)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the model's recipe)."),
@@ -136,13 +140,20 @@ def train(
     data_dir: Optional[Path] = DataOpt,
     dataset: str = DatasetOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Run dir (default runs/<timestamp>-<model>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this dir (with its own "
-                                          "settings: only --device, --data, --quiet, --tensorboard and, without a "
-                                          "schedule, --epochs may be given)."),
+    resume: Optional[Path] = typer.Option(
+        None,
+        "--resume",
+        help="Continue the run in this dir (with its own "
+        "settings: only --device, --data, --quiet, --tensorboard and, without a "
+        "schedule, --epochs may be given).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (else an error)."),
     target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Stop once val accuracy >= P."),
-    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each epoch's metrics as "
-                                               "TensorBoard scalars into this dir (the tensorboard extra)."),
+    tensorboard: Optional[Path] = typer.Option(
+        None,
+        "--tensorboard",
+        help="Also write each epoch's metrics as TensorBoard scalars into this dir (the tensorboard extra).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model; writes config, metrics, curves and checkpoints to a run dir."""
@@ -161,8 +172,11 @@ def train(
         def typed(name: str) -> bool:  # given on the command line (or by environment), not a default
             return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")
 
-        given = {_TRAIN_FIELDS.get(name, name): str(value) if isinstance(value, Path) else value
-                 for name, value in ctx.params.items() if value is not None and typed(name)}
+        given = {
+            _TRAIN_FIELDS.get(name, name): str(value) if isinstance(value, Path) else value
+            for name, value in ctx.params.items()
+            if value is not None and typed(name)
+        }
         try:
             check_resume_options(resume, given)
         except ConfigError as exc:
@@ -175,25 +189,46 @@ def train(
     from .training import train as run_train
 
     config = TrainConfig(
-        model=model, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, augment=augment, label_smoothing=label_smoothing, val_size=val_size,
-        seed=seed, device=device, precision=precision, data=str(data_dir) if data_dir else None,
-        dataset=dataset, out=str(out) if out else None, resume=str(resume) if resume else None,
-        overwrite=overwrite, quiet=quiet, target_accuracy=target_accuracy,
-        tensorboard=str(tensorboard) if tensorboard else None)
+        model=model,
+        recipe=recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        augment=augment,
+        label_smoothing=label_smoothing,
+        val_size=val_size,
+        seed=seed,
+        device=device,
+        precision=precision,
+        data=str(data_dir) if data_dir else None,
+        dataset=dataset,
+        out=str(out) if out else None,
+        resume=str(resume) if resume else None,
+        overwrite=overwrite,
+        quiet=quiet,
+        target_accuracy=target_accuracy,
+        tensorboard=str(tensorboard) if tensorboard else None,
+    )
     try:
         result = run_train(config)
     except TrainingInterrupted as exc:
         typer.echo(f"digitlab: {exc}", err=True)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
     if quiet and result.rank == 0:
         typer.echo(f"test accuracy {result.test_accuracy:.4f}  {result.dir}")
 
 
 @app.command()
 def evaluate(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
-                                          "Give it several times for an ensemble (probabilities averaged)."),
+    checkpoint: List[Path] = typer.Option(
+        ...,
+        "--checkpoint",
+        help="Run dir, or a .safetensors/.json checkpoint. "
+        "Give it several times for an ensemble (probabilities averaged).",
+    ),
     split: str = typer.Option("test", "--split", help="test, val or train."),
     data_dir: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -221,8 +256,11 @@ def evaluate(
 
 @app.command()
 def export(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
-                                          "Give it several times for one ensemble graph (ONNX only)."),
+    checkpoint: List[Path] = typer.Option(
+        ...,
+        "--checkpoint",
+        help="Run dir, or a .safetensors/.json checkpoint. Give it several times for one ensemble graph (ONNX only).",
+    ),
     format: str = typer.Option("onnx", "--format", help="onnx (for onnxruntime) or torchscript."),
     out: Path = typer.Option(..., "--out", help="The file to write, e.g. model.onnx."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantisation."),
@@ -252,11 +290,20 @@ def export(
     info = [read_info(c) for c in checkpoint][0]  # fails early, naming the file, before the data is read
     verify = exp.mnist_verify_set(data_dir, info.dataset)
     if verify is None:
-        typer.echo(f"note: {get_spec(info.dataset).title} test set not found (pass --data DIR); checking on "
-                   "seeded random images instead, without accuracy", err=True)
-    report = exp.export(checkpoint if len(checkpoint) > 1 else checkpoint[0], out, format=format,
-                        quantize=quantize, verify_images=verify,
-                        opset=opset or exp.DEFAULT_OPSET, force=force)
+        typer.echo(
+            f"note: {get_spec(info.dataset).title} test set not found (pass --data DIR); checking on "
+            "seeded random images instead, without accuracy",
+            err=True,
+        )
+    report = exp.export(
+        checkpoint if len(checkpoint) > 1 else checkpoint[0],
+        out,
+        format=format,
+        quantize=quantize,
+        verify_images=verify,
+        opset=opset or exp.DEFAULT_OPSET,
+        force=force,
+    )
     if as_json:
         typer.echo(json.dumps(report.to_json()))
     else:
@@ -266,27 +313,38 @@ def export(
 
 @app.command()
 def serve(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
-                                          "Give it several times to serve an ensemble."),
+    checkpoint: List[Path] = typer.Option(
+        ...,
+        "--checkpoint",
+        help="Run dir, or a .safetensors/.json checkpoint. Give it several times to serve an ensemble.",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
-    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this origin (repeatable); CORS is off "
-                                          "without it."),
+    cors_origin: List[str] = typer.Option(
+        [], "--cors-origin", help="Allow this origin (repeatable); CORS is off without it."
+    ),
     device: str = DeviceOpt,
     max_body_bytes: int = typer.Option(5_000_000, "--max-body-bytes", min=1, help="Largest request body (413)."),
     log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
-    reject_below: Optional[float] = typer.Option(None, "--reject-below", min=0.0, max=1.0,
-                                                 help="Mark answers below confidence P as not sure."),
-    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Accept requests for this Host name "
-                                           "(repeatable; * for any). Default: this machine's names on a "
-                                           "loopback bind (DNS rebinding), any otherwise."),
-    max_image_pixels: int = typer.Option(16_000_000, "--max-image-pixels", min=1,
-                                         help="Most pixels decoded per image (413); JPEGs decode reduced."),
+    reject_below: Optional[float] = typer.Option(
+        None, "--reject-below", min=0.0, max=1.0, help="Mark answers below confidence P as not sure."
+    ),
+    allowed_host: List[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="Accept requests for this Host name "
+        "(repeatable; * for any). Default: this machine's names on a "
+        "loopback bind (DNS rebinding), any otherwise.",
+    ),
+    max_image_pixels: int = typer.Option(
+        16_000_000, "--max-image-pixels", min=1, help="Most pixels decoded per image (413); JPEGs decode reduced."
+    ),
     max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="Images decoded at once."),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, help="Seconds for request headers."),
     body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.01, help="Seconds for a whole body (408)."),
-    keep_alive_timeout: int = typer.Option(5, "--keep-alive-timeout", min=1, help="Seconds an idle "
-                                           "connection stays open."),
+    keep_alive_timeout: int = typer.Option(
+        5, "--keep-alive-timeout", min=1, help="Seconds an idle connection stays open."
+    ),
     max_connections: int = typer.Option(100, "--max-connections", min=1, help="Open connections (503 beyond)."),
 ) -> None:
     """Serve a page to draw a digit and watch the network read it, and the HTTP API (docs at /docs)."""
@@ -297,32 +355,60 @@ def serve(
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         fail(f"--log-level {log_level!r}: unknown (choose critical, error, warning, info or debug)", 2)
-    run_serve(checkpoint, host=host, port=port, cors_origins=cors_origin, device=device,
-              max_body_bytes=max_body_bytes, log_level=log_level, reject_below=reject_below,
-              allowed_hosts=allowed_host or None, max_image_pixels=max_image_pixels, max_decodes=max_decodes,
-              header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
-              max_connections=max_connections)
-
+    run_serve(
+        checkpoint,
+        host=host,
+        port=port,
+        cors_origins=cors_origin,
+        device=device,
+        max_body_bytes=max_body_bytes,
+        log_level=log_level,
+        reject_below=reject_below,
+        allowed_hosts=allowed_host or None,
+        max_image_pixels=max_image_pixels,
+        max_decodes=max_decodes,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+    )
 
 
 @app.command()
 def predict(
-    inputs: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF), folders (searched "
-                                       "recursively), IDX files (every image), or - for stdin.", show_default=False,
-                                       metavar="INPUTS..."),
-    checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Run dir, or a .safetensors/.json checkpoint. "
-                                          "Give it several times for an ensemble (probabilities averaged)."),
-    model: List[Path] = typer.Option([], "--model", help="Instead of --checkpoint: an exported .onnx file, "
-                                     "run with onnxruntime (no torch needed); several make an ensemble."),
+    inputs: List[str] = typer.Argument(
+        ...,
+        help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF), folders (searched "
+        "recursively), IDX files (every image), or - for stdin.",
+        show_default=False,
+        metavar="INPUTS...",
+    ),
+    checkpoint: List[Path] = typer.Option(
+        [],
+        "--checkpoint",
+        help="Run dir, or a .safetensors/.json checkpoint. "
+        "Give it several times for an ensemble (probabilities averaged).",
+    ),
+    model: List[Path] = typer.Option(
+        [],
+        "--model",
+        help="Instead of --checkpoint: an exported .onnx file, "
+        "run with onnxruntime (no torch needed); several make an ensemble.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line."),
-    reject_below: Optional[float] = typer.Option(None, "--reject-below", min=0.0, max=1.0,
-                                                 help="Report no digit (null) when the confidence is below P."),
-    save_preprocessed: Optional[Path] = typer.Option(None, "--save-preprocessed", help="Write the 28x28 image the "
-                                                     "model saw for each input into this folder (PNG)."),
+    reject_below: Optional[float] = typer.Option(
+        None, "--reject-below", min=0.0, max=1.0, help="Report no digit (null) when the confidence is below P."
+    ),
+    save_preprocessed: Optional[Path] = typer.Option(
+        None, "--save-preprocessed", help="Write the 28x28 image the model saw for each input into this folder (PNG)."
+    ),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
-    explain: Optional[Path] = typer.Option(None, "--explain", help="Write why each digit was read into this "
-                                           "folder: a saliency PNG per input (needs --checkpoint)."),
+    explain: Optional[Path] = typer.Option(
+        None,
+        "--explain",
+        help="Write why each digit was read into this folder: a saliency PNG per input (needs --checkpoint).",
+    ),
 ) -> None:
     """Read the digit in each image: photos, scans and drawings are preprocessed the way MNIST was made."""
     import json
@@ -337,8 +423,9 @@ def predict(
         fail("--checkpoint and --model exclude each other: give one", 2)
     if not checkpoint and not model:
         fail("--checkpoint or --model is required (a run dir or checkpoint, or an exported .onnx file)", 2)
-    predictor = Predictor.from_checkpoints(list(checkpoint or model), device=device, batch_size=batch_size,
-                                           onnx=bool(model))
+    predictor = Predictor.from_checkpoints(
+        list(checkpoint or model), device=device, batch_size=batch_size, onnx=bool(model)
+    )
     items = expand_inputs(inputs)  # "-" reads sys.stdin.buffer
     width = path_width(items)
     if not as_json:
@@ -350,14 +437,16 @@ def predict(
             fail("--explain needs --checkpoint (a PyTorch model): an ONNX model has no gradients here", 2)
         prepare_explain_dir(explain)
     failures = 0
-    for index, prediction in enumerate(predictor.iter_predict(items, reject_below=reject_below,
-                                                              save_dir=save_preprocessed)):
+    for index, prediction in enumerate(
+        predictor.iter_predict(items, reject_below=reject_below, save_dir=save_preprocessed)
+    ):
         if prediction.error is not None:
             failures += 1
             typer.echo(f"digitlab: error: {prediction.error}", err=True)
         elif explain is not None:
-            write_saliency_png(explain, index, prediction.path, prediction.preprocessed,
-                               predictor.saliency(prediction.preprocessed))
+            write_saliency_png(
+                explain, index, prediction.path, prediction.preprocessed, predictor.saliency(prediction.preprocessed)
+            )
         typer.echo(json.dumps(prediction.to_json()) if as_json else table_row(prediction, width))
     if failures:
         raise typer.Exit(1)

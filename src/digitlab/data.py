@@ -158,11 +158,14 @@ class BatchLoader:
         order = self.order().to(self.device)
         per_rank = self.batch_size // self.world_size
         for b in range(start, len(self)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.world_size > 1:
                 # Uneven last batch: split it as evenly as possible; every rank still gets >= 0 items.
-                batch = batch.tensor_split(self.world_size)[self.rank] if len(batch) < self.batch_size \
-                    else batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+                batch = (
+                    batch.tensor_split(self.world_size)[self.rank]
+                    if len(batch) < self.batch_size
+                    else batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+                )
             yield self.x[batch], self.y[batch]  # (B, 1, 28, 28), (B,)
 
 
@@ -193,6 +196,14 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 __all__: Sequence[str] = [
-    "MnistData", "load_files", "load", "MnistDataset", "datasets", "to_input", "BatchLoader", "split_train_val",
-    "class_counts", "pixel_stats",
+    "MnistData",
+    "load_files",
+    "load",
+    "MnistDataset",
+    "datasets",
+    "to_input",
+    "BatchLoader",
+    "split_train_val",
+    "class_counts",
+    "pixel_stats",
 ]

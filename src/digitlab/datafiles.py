@@ -77,8 +77,16 @@ DATASETS: dict[str, DatasetSpec] = {
         name="fashion-mnist",
         title="Fashion-MNIST",
         class_names=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
         ),
         md5={
             "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
@@ -170,7 +178,9 @@ def candidate_dirs(data: str | Path | None, spec: DatasetSpec) -> list[Path]:
     return with_subdirs
 
 
-def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist", download: bool = True) -> dict[str, Path]:
+def locate(
+    data: str | Path | None = None, dataset: str | DatasetSpec = "mnist", download: bool = True
+) -> dict[str, Path]:
     """Find the four files of `dataset`, downloading them into the first writable place when missing."""
     spec = get_spec(dataset)
     dirs = candidate_dirs(data, spec)
@@ -182,12 +192,16 @@ def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist",
             continue
         if found:
             return found
-    target = Path(data).expanduser() if data is not None else (
-        Path(os.environ["DIGITLAB_DATA"]).expanduser() if os.environ.get("DIGITLAB_DATA") else cache_dir(spec.name))
+    target = (
+        Path(data).expanduser()
+        if data is not None
+        else (
+            Path(os.environ["DIGITLAB_DATA"]).expanduser() if os.environ.get("DIGITLAB_DATA") else cache_dir(spec.name)
+        )
+    )
     if target in holds_other:
         target = target / spec.name  # never download one dataset over another's files of the same names
-    looked = ", ".join(f"{d} (holds {holds_other[d]})" if d in holds_other else f"{d}{_missing_note(d)}"
-                       for d in dirs)
+    looked = ", ".join(f"{d} (holds {holds_other[d]})" if d in holds_other else f"{d}{_missing_note(d)}" for d in dirs)
     files = ", ".join(f"{stem}.gz" for stem in SPLIT_FILES.values())
     how = f"put the four files ({files}) in one of them, or pass --data DIR"
     if not download or not spec.mirrors:
@@ -195,7 +209,9 @@ def locate(data: str | Path | None = None, dataset: str | DatasetSpec = "mnist",
     try:
         download_dataset(spec, target)
     except DataError as exc:
-        raise DataError(f"{spec.title} not found: looked in {looked}; download failed ({exc}); offline? {how}") from None
+        raise DataError(
+            f"{spec.title} not found: looked in {looked}; download failed ({exc}); offline? {how}"
+        ) from None
     found = find_files(target)
     assert found is not None
     return found
@@ -286,8 +302,9 @@ def download_dataset(
             raise DataError(f"{directory / (stem + '.gz')}: cannot write: {exc.strerror or exc}") from None
 
 
-def _download_verified(spec: DatasetSpec, stem: str, expected: str, retries: int, timeout: float,
-                       show_progress: bool) -> bytes:
+def _download_verified(
+    spec: DatasetSpec, stem: str, expected: str, retries: int, timeout: float, show_progress: bool
+) -> bytes:
     """Gzipped bytes of `stem` from the first mirror that serves them with the right MD5."""
     import http.client
     import urllib.error
@@ -317,8 +334,9 @@ def _download_with_progress(url: str, timeout: float, show_progress: bool) -> by
         return _fetch(url, timeout, None)
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
+    ) as bar:
         task = bar.add_task(f"downloading {url.rsplit('/', 1)[-1]}", total=None)
         return _fetch(url, timeout, lambda done, total: bar.update(task, completed=done, total=total))
 
@@ -337,8 +355,9 @@ def read_arrays(files: dict[str, Path], spec: DatasetSpec) -> tuple[Arrays, dict
     """
     # zlib and hashlib release the GIL, so the four files decompress in parallel.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {key: pool.submit(read_checked, key, Path(path), len(spec.class_names))
-                   for key, path in files.items()}
+        futures = {
+            key: pool.submit(read_checked, key, Path(path), len(spec.class_names)) for key, path in files.items()
+        }
         results = {key: future.result() for key, future in futures.items()}
     arrays = {key: array for key, (array, _) in results.items()}
     for split in ("train", "test"):
@@ -346,12 +365,15 @@ def read_arrays(files: dict[str, Path], spec: DatasetSpec) -> tuple[Arrays, dict
         if len(images) != len(labels):
             raise DataError(
                 f"{Path(files[f'{split}_labels']).name}: {len(labels)} labels but "
-                f"{Path(files[f'{split}_images']).name} has {len(images)} images")
+                f"{Path(files[f'{split}_images']).name} has {len(images)} images"
+            )
     for key in ("train_images", "test_images"):
         check_image_shape(arrays[key], Path(files[key]).name, spec)
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
-        raise DataError(f"{Path(files['test_images']).name}: image size {arrays['test_images'].shape[1:]} differs "
-                        f"from the training images' {arrays['train_images'].shape[1:]}")
+        raise DataError(
+            f"{Path(files['test_images']).name}: image size {arrays['test_images'].shape[1:]} differs "
+            f"from the training images' {arrays['train_images'].shape[1:]}"
+        )
     # parse_idx's arrays are read-only views of the file's bytes; torch wants writable memory and int64 labels.
     ready = {key: array.astype(np.int64) if key.endswith("labels") else array.copy() for key, array in arrays.items()}
     return ready, {Path(files[key]).name: md5 for key, (_, md5) in results.items()}
@@ -363,8 +385,9 @@ def check_image_shape(images: np.ndarray, name: str, spec: DatasetSpec) -> None:
     rows, cols = spec.image_shape
     if tuple(images.shape[1:]) != (rows, cols):
         found = "x".join(str(n) for n in images.shape[1:])
-        raise DataError(f"{name}: images are {found} pixels; {spec.title} images are {rows}x{cols}, the size "
-                        "digitlab's models take")
+        raise DataError(
+            f"{name}: images are {found} pixels; {spec.title} images are {rows}x{cols}, the size digitlab's models take"
+        )
 
 
 def files_key(spec: DatasetSpec, files: dict[str, Path]) -> tuple:

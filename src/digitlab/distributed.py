@@ -88,8 +88,9 @@ def weight_spread(model: torch.nn.Module, ctx: DistContext, device: torch.device
     """Largest difference of any weight between processes: 0.0 when every rank holds the same model."""
     if not ctx.enabled:
         return 0.0
-    flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.state_dict().values()
-                      if p.is_floating_point()]).to(device)
+    flat = torch.cat(
+        [p.detach().reshape(-1).to(torch.float64) for p in model.state_dict().values() if p.is_floating_point()]
+    ).to(device)
     high, low = flat.clone(), flat.clone()
     try:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -28,24 +28,41 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, mean: float | None, std: float | None,
-                   device: torch.device, amp_dtype: torch.dtype | None = None, batch_size: int = 1000) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: float | None,
+    std: float | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 1000,
+) -> torch.Tensor:
     """Logits for uint8 images (N, 28, 28), in batches."""
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = data.to_input(images[start:start + batch_size], mean, std).to(device)  # (B, 1, 28, 28)
+        x = data.to_input(images[start : start + batch_size], mean, std).to(device)  # (B, 1, 28, 28)
         with autocast(device, amp_dtype):
             outputs.append(model(x).float().cpu())  # (B, classes)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
 
-def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float | None,
-                     std: float | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> EvalResult:
+def evaluate_tensors(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: float | None,
+    std: float | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
     logits = predict_logits(model, images, mean, std, device, amp_dtype)
     labels = labels.cpu()
-    return EvalResult(loss=float(F.cross_entropy(logits, labels)),
-                      accuracy=float((logits.argmax(1) == labels).float().mean()), logits=logits)
+    return EvalResult(
+        loss=float(F.cross_entropy(logits, labels)),
+        accuracy=float((logits.argmax(1) == labels).float().mean()),
+        logits=logits,
+    )
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -90,15 +107,20 @@ class Report:
         return asdict(self)
 
 
-def split_images(dataset: data.MnistData, split: str, train_config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def split_images(
+    dataset: data.MnistData, split: str, train_config: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of a split; val/train are re-derived from the run's own val_size and seed."""
     if split not in SPLITS:
         raise DigitlabError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     if split == "test":
         return dataset.test_images, dataset.test_labels
     (train_x, train_y), (val_x, val_y) = data.split_train_val(
-        dataset.train_images, dataset.train_labels, int(train_config.get("val_size", 5000)),
-        int(train_config.get("seed", 0)))
+        dataset.train_images,
+        dataset.train_labels,
+        int(train_config.get("val_size", 5000)),
+        int(train_config.get("seed", 0)),
+    )
     if split == "val" and len(val_y) == 0:
         raise DigitlabError("--split val: this checkpoint was trained without a validation set (val_size 0)")
     return (val_x, val_y) if split == "val" else (train_x, train_y)
@@ -116,8 +138,10 @@ def _check_members(infos: list[ckpt.CheckpointInfo], paths: list[str | Path]) ->
     first = infos[0]
     for info, path in zip(infos[1:], paths[1:]):
         if info.dataset != first.dataset or list(info.class_names) != list(first.class_names):
-            raise DigitlabError(f"{path}: an ensemble needs members trained on the same dataset and classes "
-                                f"({info.dataset} vs {first.dataset})")
+            raise DigitlabError(
+                f"{path}: an ensemble needs members trained on the same dataset and classes "
+                f"({info.dataset} vs {first.dataset})"
+            )
 
 
 def evaluate(
@@ -150,20 +174,32 @@ def evaluate(
     wrong = (predicted != labels).nonzero().flatten()
     confidence = probabilities[wrong, predicted[wrong]]
     order = wrong[confidence.argsort(descending=True)][:worst]  # most confident mistakes first
-    mistakes = [{"index": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
-                 "confidence": float(probabilities[i, predicted[i]])} for i in order]
+    mistakes = [
+        {
+            "index": int(i),
+            "true": int(labels[i]),
+            "predicted": int(predicted[i]),
+            "confidence": float(probabilities[i, predicted[i]]),
+        }
+        for i in order
+    ]
     as_numpy = probabilities.numpy(), labels.numpy()
     report = Report(
         checkpoint=", ".join(str(ckpt.resolve(p)) for p in paths),
         model=info.model if len(members) == 1 else "ensemble of " + " + ".join(i.model for i in infos),
-        dataset=info.dataset, split=split, count=len(labels),
+        dataset=info.dataset,
+        split=split,
+        count=len(labels),
         accuracy=float((predicted == labels).double().mean()) if len(labels) else 0.0,
         loss=float(-right_probability.log().mean()) if len(labels) else 0.0,
         ece=calibration.expected_calibration_error(*as_numpy),
         temperature=info.temperature if len(members) == 1 else [i.temperature for i in infos],
-        per_class=per_class_scores(confusion, info.class_names), confusion=confusion.tolist(),
-        class_names=list(info.class_names), selective=calibration.selective_accuracy(*as_numpy),
-        mistakes=mistakes)
+        per_class=per_class_scores(confusion, info.class_names),
+        confusion=confusion.tolist(),
+        class_names=list(info.class_names),
+        selective=calibration.selective_accuracy(*as_numpy),
+        mistakes=mistakes,
+    )
     if plots and not extras.plots_available():
         extras.plots_skipped(["confusion.png", "mistakes.png", "reliability.png"])
     elif plots:
@@ -183,8 +219,14 @@ def plot_reliability(report: Report, probabilities: np.ndarray, labels: np.ndarr
     ax, ax_count = fig.subplots(1, 2)
     width = 1 / len(table)
     used = [b for b in table if b.count]
-    ax.bar([b.low for b in used], [b.accuracy for b in used], width=width, align="edge", edgecolor="black",
-           label="accuracy")
+    ax.bar(
+        [b.low for b in used],
+        [b.accuracy for b in used],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        label="accuracy",
+    )
     ax.plot([b.confidence for b in used], [b.confidence for b in used], "r.", label="mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
@@ -193,8 +235,7 @@ def plot_reliability(report: Report, probabilities: np.ndarray, labels: np.ndarr
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability: ECE {report.ece:.4f}")
     ax.legend(loc="upper left", fontsize=8)
-    ax_count.bar([b.low for b in table], [max(b.count, 0) for b in table], width=width, align="edge",
-                 edgecolor="black")
+    ax_count.bar([b.low for b in table], [max(b.count, 0) for b in table], width=width, align="edge", edgecolor="black")
     ax_count.set_yscale("log")
     ax_count.set_xlim(0, 1)
     ax_count.set_xlabel("confidence")
@@ -214,8 +255,7 @@ def plot_confusion(report: Report, path: Path) -> Path:
         for j in range(n):
             value = int(matrix[i, j])
             if value:
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                        color="white" if i == j else "black")
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if i == j else "black")
     ax.set_xticks(range(n), report.class_names, rotation=45 if n and len(report.class_names[0]) > 2 else 0)
     ax.set_yticks(range(n), report.class_names)
     ax.set_xlabel("predicted")
@@ -236,8 +276,10 @@ def plot_mistakes(report: Report, images: torch.Tensor, path: Path) -> Path:
         ax.axis("off")
     for ax, m in zip(axes.flat, shown):
         ax.imshow(images[m["index"]].numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true {report.class_names[m['true']]}\npred {report.class_names[m['predicted']]} "
-                     f"{m['confidence']:.0%}", fontsize=8)
+        ax.set_title(
+            f"true {report.class_names[m['true']]}\npred {report.class_names[m['predicted']]} {m['confidence']:.0%}",
+            fontsize=8,
+        )
     if not shown:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("most confident mistakes", fontsize=10)

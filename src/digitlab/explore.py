@@ -114,8 +114,9 @@ def explore(
     if grid is not None:
         written = write_grid(mnist, grid, seed)
         out.print(f"grid: wrote {escape(str(written))} ({GRID_SIDE * GRID_SIDE} training images, seed {seed})")
-    return ExploreSummary(spec.title, len(train_set), len(test_set), train_counts, test_counts, mean, std,
-                          index, label, written)
+    return ExploreSummary(
+        spec.title, len(train_set), len(test_set), train_counts, test_counts, mean, std, index, label, written
+    )
 
 
 def _class_text(spec: DatasetSpec, label: int) -> str:
@@ -137,10 +138,14 @@ def _print_item(out, train_set: data.MnistDataset, index: int, spec: DatasetSpec
     out.print(f"[bold]What an item is[/bold]: item = train_set[{index}]")
     out.print(f"  type(item)   {type(item).__name__}")
     out.print(f"  len(item)    {len(item)}: (image, label)")
-    out.print(f"  image        {type(image).__name__}, shape {list(image.shape)}, dtype {image.dtype}, "
-              f"values {float(image.min()):.1f} to {float(image.max()):.1f}")
-    out.print(f"  label        {type(label).__name__}, {label}" + (
-        f" ({spec.class_names[label]})" if spec.class_names[label] != str(label) else ""))
+    out.print(
+        f"  image        {type(image).__name__}, shape {list(image.shape)}, dtype {image.dtype}, "
+        f"values {float(image.min()):.1f} to {float(image.max()):.1f}"
+    )
+    out.print(
+        f"  label        {type(label).__name__}, {label}"
+        + (f" ({spec.class_names[label]})" if spec.class_names[label] != str(label) else "")
+    )
     out.print("  (1 channel x 28 rows x 28 columns; bytes 0-255 on disk, divided by 255)")
     out.print()
     return label
@@ -184,7 +189,7 @@ def write_grid(mnist: data.MnistData, path: str | Path, seed: int = 0) -> Path:
     """Write a labelled GRID_SIDE x GRID_SIDE grid of seeded random training images as a PNG, atomically."""
     path = Path(path)
     n = len(mnist.train_labels)
-    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:GRID_SIDE * GRID_SIDE].tolist()
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: GRID_SIDE * GRID_SIDE].tolist()
     # One mosaic image in one axes: 64 separate axes take about a second longer to draw.
     height, width = mnist.train_images.shape[1:]
     cell_h, cell_w, label_h = height + 12, width + 4, 10  # each cell: a label strip above a padded digit
@@ -196,13 +201,16 @@ def write_grid(mnist: data.MnistData, path: str | Path, seed: int = 0) -> Path:
     for k, i in enumerate(picks):
         row, col = divmod(k, GRID_SIDE)
         top, left = row * cell_h + label_h, col * cell_w + 2
-        mosaic[top:top + height, left:left + width] = mnist.train_images[i].numpy()
+        mosaic[top : top + height, left : left + width] = mnist.train_images[i].numpy()
         label = int(mnist.train_labels[i])
         text = f"{label}: {mnist.spec.class_names[label]}" if named else str(label)
         ax.text(left + width / 2, top - 1.5, text, ha="center", va="bottom", fontsize=7 if named else 9)
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-    fig.suptitle(f"{mnist.spec.title}: {len(picks)} training images with their labels (seed {seed})",
-                 y=1 - 0.1 / fig.get_figheight(), va="top")
+    fig.suptitle(
+        f"{mnist.spec.title}: {len(picks)} training images with their labels (seed {seed})",
+        y=1 - 0.1 / fig.get_figheight(),
+        va="top",
+    )
     try:
         save_png(fig, path)
     except OSError as exc:
@@ -250,8 +258,10 @@ def tour(
     dev = resolve_device(device)
     torch.manual_seed(seed)  # the network's initial weights
 
-    out.print("[bold]The tutorial, run for real[/bold]: PyTorch's quickstart network reading MNIST digits, "
-              f"one step at a time (device {dev}, seed {seed}).")
+    out.print(
+        "[bold]The tutorial, run for real[/bold]: PyTorch's quickstart network reading MNIST digits, "
+        f"one step at a time (device {dev}, seed {seed})."
+    )
     images, labels, mnist = _step_load(out, data_dir, seed)
     model = _step_build(out, dev)
     images, labels = images.to(dev), labels.to(dev)
@@ -265,19 +275,30 @@ def tour(
     out.rule("[bold]Step 6. The same image again")
     probs_after = _step_probabilities(out, logits_after[0], int(labels[0]), images[0], trained=True)
     accuracy_after = accuracy(model, mnist, dev)
-    out.print(f"Test accuracy: [bold]{accuracy_after:.1%}[/bold] of the {len(mnist.test_labels):,} test images, "
-              f"which the network never trained on (untrained it was {accuracy_before:.1%}: about one in ten is "
-              "chance).")
+    out.print(
+        f"Test accuracy: [bold]{accuracy_after:.1%}[/bold] of the {len(mnist.test_labels):,} test images, "
+        f"which the network never trained on (untrained it was {accuracy_before:.1%}: about one in ten is "
+        "chance)."
+    )
     out.print()
     _step_next(out)
     return TourResult(
-        device=str(dev), batch_shape=list(images.shape), logits_shape=list(logits.shape),
-        parameters=count_parameters(model), label=int(labels[0]),
+        device=str(dev),
+        batch_shape=list(images.shape),
+        logits_shape=list(logits.shape),
+        parameters=count_parameters(model),
+        label=int(labels[0]),
         predicted_before=max(range(10), key=probs_before.__getitem__),
         predicted_after=max(range(10), key=probs_after.__getitem__),
-        probs_before=probs_before, probs_after=probs_after, accuracy_before=accuracy_before,
-        accuracy_after=accuracy_after, first_loss=first_loss, last_loss=last_loss, steps=steps,
-        train_seconds=seconds)
+        probs_before=probs_before,
+        probs_after=probs_after,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        steps=steps,
+        train_seconds=seconds,
+    )
 
 
 def _step_load(out, data_dir, seed: int):
@@ -285,7 +306,8 @@ def _step_load(out, data_dir, seed: int):
     from torch.utils.data import DataLoader
 
     out.rule("[bold]Step 1. Load the data and batch it")
-    out.print(_syntax("""
+    out.print(
+        _syntax("""
 from torch.utils.data import DataLoader
 from digitlab import data
 
@@ -293,20 +315,26 @@ mnist = data.load()                         # 70,000 images as uint8 tensors
 train_set, test_set = data.datasets(mnist)  # Datasets: item = (image, label)
 train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
 images, labels = next(iter(train_loader))   # the first batch
-"""))
+""")
+    )
     mnist = data.load(data_dir)
     train_set, test_set = data.datasets(mnist)
-    loader = DataLoader(train_set, batch_size=TOUR_BATCH, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(train_set, batch_size=TOUR_BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
     images, labels = next(iter(loader))  # (64, 1, 28, 28) float in [0, 1], (64,) int64
     image, label = train_set[0]
     out.print(f"len(train_set) = {len(train_set):,}   len(test_set) = {len(test_set):,}")
-    out.print(f"train_set[0] is a tuple: an image of shape {list(image.shape)} ({image.dtype}, values 0 to 1) "
-              f"and the label {label}")
-    out.print(f"images.shape = {list(images.shape)}   labels.shape = {list(labels.shape)}   "
-              f"labels[:16] = {labels[:16].tolist()}")
-    out.print(f"The DataLoader stacks {TOUR_BATCH} items into one tensor: \\[batch, channel, height, width]. "
-              "Networks work on batches, because one big matrix product is much faster than many small ones.")
+    out.print(
+        f"train_set[0] is a tuple: an image of shape {list(image.shape)} ({image.dtype}, values 0 to 1) "
+        f"and the label {label}"
+    )
+    out.print(
+        f"images.shape = {list(images.shape)}   labels.shape = {list(labels.shape)}   "
+        f"labels[:16] = {labels[:16].tolist()}"
+    )
+    out.print(
+        f"The DataLoader stacks {TOUR_BATCH} items into one tensor: \\[batch, channel, height, width]. "
+        "Networks work on batches, because one big matrix product is much faster than many small ones."
+    )
     out.print()
     return images, labels, mnist
 
@@ -316,25 +344,30 @@ def _step_build(out, dev: torch.device) -> nn.Module:
     from rich.table import Table
 
     out.rule("[bold]Step 2. Build the network")
-    out.print(_syntax("""
+    out.print(
+        _syntax("""
 # digitlab.models.build_model("mlp") builds the tutorial's network:
 model = nn.Sequential(nn.Flatten(),
                       nn.Linear(28 * 28, 512), nn.ReLU(),
                       nn.Linear(512, 512), nn.ReLU(),
                       nn.Linear(512, 10))
-"""))
+""")
+    )
     model = build_model("mlp").to(dev)
     out.print(str(model))
-    table = Table(title="Parameters: a weight for every input of every unit, plus a bias per unit",
-                  title_justify="left")
+    table = Table(
+        title="Parameters: a weight for every input of every unit, plus a bias per unit", title_justify="left"
+    )
     table.add_column("layer")
     table.add_column("weights + biases", justify="right")
     table.add_column("parameters", justify="right")
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear):
-            table.add_row(f"{name}: Linear({layer.in_features}, {layer.out_features})",
-                          f"{layer.in_features} x {layer.out_features} + {layer.out_features}",
-                          f"{count_parameters(layer):,}")
+            table.add_row(
+                f"{name}: Linear({layer.in_features}, {layer.out_features})",
+                f"{layer.in_features} x {layer.out_features} + {layer.out_features}",
+                f"{count_parameters(layer):,}",
+            )
     table.add_row("total", "", f"[bold]{count_parameters(model):,}[/bold]")
     out.print(table)
     out.print("The weights start random (seeded by --seed): the network knows nothing yet.")
@@ -350,8 +383,10 @@ def _step_forward(out, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         logits = model(images)  # (64, 10)
     out.print(f"input shape  {list(images.shape)}")
     out.print(f"output shape {list(logits.shape)}")
-    out.print("Flatten turns each 1x28x28 image into 784 numbers; the Linear layers map 784 -> 512 -> 512 -> 10. "
-              "Out come 10 numbers per image, the logits: one raw score per digit, any size, any sign.")
+    out.print(
+        "Flatten turns each 1x28x28 image into 784 numbers; the Linear layers map 784 -> 512 -> 512 -> 10. "
+        "Out come 10 numbers per image, the logits: one raw score per digit, any size, any sign."
+    )
     out.print(f"logits[0] = {[round(v, 3) for v in logits[0].tolist()]}")
     out.print()
     return logits
@@ -363,10 +398,12 @@ def _step_probabilities(out, logits: torch.Tensor, label: int, image: torch.Tens
 
     if not trained:
         out.rule("[bold]Step 4. From logits to a prediction")
-        out.print(_syntax("""
+        out.print(
+            _syntax("""
 probs = torch.softmax(logits[0], dim=0)  # 10 numbers > 0, summing to 1
 predicted = probs.argmax().item()        # the most probable digit
-"""))
+""")
+        )
         _print_digit(out, _to_uint8(image), f"images[0]: the digit {label}")
     probs = F.softmax(logits.float(), dim=0).cpu()  # (10,)
     predicted = int(probs.argmax())
@@ -376,32 +413,41 @@ predicted = probs.argmax().item()        # the most probable digit
     table.add_column("", min_width=30, no_wrap=True)
     table.add_column("", no_wrap=True)
     for digit, p in enumerate(probs.tolist()):
-        mark = " and ".join(word for word, hit in (("predicted", digit == predicted), ("actual", digit == label)) if hit)
+        mark = " and ".join(
+            word for word, hit in (("predicted", digit == predicted), ("actual", digit == label)) if hit
+        )
         table.add_row(str(digit), f"{p:.3f}", "#" * round(p * 30), mark)
     out.print(table)
     verdict = "right" if predicted == label else "wrong"
     out.print(f"predicted {predicted}, actual {label}: [bold]{verdict}[/bold]")
     if not trained:
         if predicted == label:
-            out.print("Right, but by luck: with random weights the scores are noise, every probability is near 0.1, "
-                      "and a guess is right about one time in ten. Training is what gives the scores meaning.")
+            out.print(
+                "Right, but by luck: with random weights the scores are noise, every probability is near 0.1, "
+                "and a guess is right about one time in ten. Training is what gives the scores meaning."
+            )
         else:
-            out.print("Wrong, as expected: with random weights the scores are noise, every probability is near 0.1, "
-                      "and a guess is right only about one time in ten. Training is what gives the scores meaning.")
+            out.print(
+                "Wrong, as expected: with random weights the scores are noise, every probability is near 0.1, "
+                "and a guess is right only about one time in ten. Training is what gives the scores meaning."
+            )
     else:
-        out.print(f"After training the network puts {float(probs[label]):.1%} on the right digit "
-                  "(it was about 10% before).")
+        out.print(
+            f"After training the network puts {float(probs[label]):.1%} on the right digit (it was about 10% before)."
+        )
     out.print()
     return probs.tolist()
 
 
-def _step_train(out, model: nn.Module, mnist: data.MnistData, dev: torch.device, seed: int,
-                steps: int) -> tuple[float, float, float]:
+def _step_train(
+    out, model: nn.Module, mnist: data.MnistData, dev: torch.device, seed: int, steps: int
+) -> tuple[float, float, float]:
     """Step 5: the tutorial's training step, repeated `steps` times on batches of 64."""
     from rich.table import Table
 
     out.rule("[bold]Step 5. Train briefly")
-    out.print(_syntax(f"""
+    out.print(
+        _syntax(f"""
 loss_fn = nn.CrossEntropyLoss()
 optimizer = torch.optim.Adam(model.parameters(), lr={TOUR_LR})
 for images, labels in loader:       # {steps} batches of 64
@@ -410,14 +456,18 @@ for images, labels in loader:       # {steps} batches of 64
     optimizer.zero_grad()           # clear the last step's gradients
     loss.backward()                 # gradient of the loss for each parameter
     optimizer.step()                # move each parameter against its gradient
-"""))
-    out.print("The batches now come from digitlab's BatchLoader: the whole training set is already one tensor in "
-              "memory, so it slices each shuffled batch out of it instead of building it item by item like the "
-              "DataLoader. Same batches (64 images in [0, 1], reshuffled every epoch), many times faster. The "
-              "tutorial uses SGD for 5 epochs; Adam gets most of the way in a few hundred steps.")
+""")
+    )
+    out.print(
+        "The batches now come from digitlab's BatchLoader: the whole training set is already one tensor in "
+        "memory, so it slices each shuffled batch out of it instead of building it item by item like the "
+        "DataLoader. Same batches (64 images in [0, 1], reshuffled every epoch), many times faster. The "
+        "tutorial uses SGD for 5 epochs; Adam gets most of the way in a few hundred steps."
+    )
     # normalize=False: the same [0, 1] pixels the DataLoader gave the network in steps 1-4.
-    loader = data.BatchLoader(mnist.train_images, mnist.train_labels, batch_size=TOUR_BATCH, seed=seed,
-                              normalize=False, device=dev)
+    loader = data.BatchLoader(
+        mnist.train_images, mnist.train_labels, batch_size=TOUR_BATCH, seed=seed, normalize=False, device=dev
+    )
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=TOUR_LR)
     report_at = sorted({1, *(round(steps * k / 5) for k in range(1, 6))} - {0})
@@ -449,9 +499,11 @@ for images, labels in loader:       # {steps} batches of 64
     seconds = time.perf_counter() - started
     out.print(table)
     first, last = losses[0].item(), losses[-1].item()
-    out.print(f"{steps} steps ({steps * TOUR_BATCH:,} images, {steps * TOUR_BATCH / len(mnist.train_labels):.2f} "
-              f"epochs) in {seconds:.1f} s on {dev}. The loss fell from {first:.3f} to {last:.3f}; "
-              f"a network guessing uniformly scores ln(10) = 2.303.")
+    out.print(
+        f"{steps} steps ({steps * TOUR_BATCH:,} images, {steps * TOUR_BATCH / len(mnist.train_labels):.2f} "
+        f"epochs) in {seconds:.1f} s on {dev}. The loss fell from {first:.3f} to {last:.3f}; "
+        f"a network guessing uniformly scores ln(10) = 2.303."
+    )
     out.print()
     return first, last, seconds
 
@@ -463,7 +515,6 @@ def accuracy(model: nn.Module, mnist: data.MnistData, dev: torch.device, chunk: 
     logits = predict_logits(model, mnist.test_images, None, None, dev, batch_size=chunk)  # (N, 10) on the CPU
     model.train()
     return int((logits.argmax(1) == mnist.test_labels.cpu()).sum()) / max(len(mnist.test_labels), 1)
-
 
 
 def _step_next(out) -> None:

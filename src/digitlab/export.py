@@ -136,8 +136,10 @@ class ExportReport:
             out.append(f"accuracy: pytorch {c.reference_accuracy:.4f}, {engine} fp32 {c.exported_accuracy:.4f}")
         q = self.quantized_check
         if q is not None:
-            line = (f"int8: same class as fp32 on {q.argmax_agreement:,}/{q.count:,} images, "
-                    f"max |logit diff| vs fp32 {q.max_abs_diff:.3f}")
+            line = (
+                f"int8: same class as fp32 on {q.argmax_agreement:,}/{q.count:,} images, "
+                f"max |logit diff| vs fp32 {q.max_abs_diff:.3f}"
+            )
             if q.exported_accuracy is not None and q.reference_accuracy is not None:
                 change = 100 * (q.exported_accuracy - q.reference_accuracy)
                 line += f"; accuracy {q.exported_accuracy:.4f} ({change:+.2f} points vs fp32)"
@@ -169,8 +171,11 @@ def mnist_verify_set(data_dir: str | Path | None, dataset: str = "mnist") -> Ver
         if data_dir is not None:
             raise
         return None
-    return VerifySet(loaded.test_images.numpy(), loaded.test_labels.numpy(),
-                     f"{loaded.spec.title} test set ({len(loaded.test_labels):,} images)")
+    return VerifySet(
+        loaded.test_images.numpy(),
+        loaded.test_labels.numpy(),
+        f"{loaded.spec.title} test set ({len(loaded.test_labels):,} images)",
+    )
 
 
 def _as_verify_set(images: VerifySet | np.ndarray | Any | None) -> VerifySet:
@@ -180,8 +185,9 @@ def _as_verify_set(images: VerifySet | np.ndarray | Any | None) -> VerifySet:
         return images
     array = np.asarray(images)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[1:] != (28, 28) or len(array) == 0:
-        raise ExportError(f"verify images: expected uint8 (N, 28, 28) with N >= 1, got {array.dtype} "
-                          f"{tuple(array.shape)}")
+        raise ExportError(
+            f"verify images: expected uint8 (N, 28, 28) with N >= 1, got {array.dtype} {tuple(array.shape)}"
+        )
     return VerifySet(array, None, f"{len(array):,} given images")
 
 
@@ -190,13 +196,17 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
     return model_input(images)[:, None]
 
 
-def compare(reference: Callable[[np.ndarray], np.ndarray], exported: Callable[[np.ndarray], np.ndarray],
-            verify: VerifySet, batch_size: int = 1000) -> Check:
+def compare(
+    reference: Callable[[np.ndarray], np.ndarray],
+    exported: Callable[[np.ndarray], np.ndarray],
+    verify: VerifySet,
+    batch_size: int = 1000,
+) -> Check:
     """Run both logit functions on the same pixels in batches and compare their outputs."""
     max_diff = 0.0
     agree = ref_correct = exp_correct = 0
     for start in range(0, len(verify.images), batch_size):
-        pixels = to_pixels(verify.images[start:start + batch_size])  # (B, 1, 28, 28)
+        pixels = to_pixels(verify.images[start : start + batch_size])  # (B, 1, 28, 28)
         ref, out = reference(pixels), exported(pixels)  # (B, classes) each
         if ref.shape != out.shape:
             raise ExportError(f"exported model returned logits of shape {out.shape}, PyTorch {ref.shape}")
@@ -206,20 +216,27 @@ def compare(reference: Callable[[np.ndarray], np.ndarray], exported: Callable[[n
         ref_class, out_class = ref.argmax(1), out.argmax(1)
         agree += int((ref_class == out_class).sum())
         if verify.labels is not None:
-            labels = verify.labels[start:start + batch_size]
+            labels = verify.labels[start : start + batch_size]
             ref_correct += int((ref_class == labels).sum())
             exp_correct += int((out_class == labels).sum())
     n = len(verify.images)
     known = verify.labels is not None
-    return Check(source=verify.source, count=n, max_abs_diff=max_diff, argmax_agreement=agree,
-                 reference_accuracy=ref_correct / n if known else None,
-                 exported_accuracy=exp_correct / n if known else None)
+    return Check(
+        source=verify.source,
+        count=n,
+        max_abs_diff=max_diff,
+        argmax_agreement=agree,
+        reference_accuracy=ref_correct / n if known else None,
+        exported_accuracy=exp_correct / n if known else None,
+    )
 
 
 def _tolerance_message(path: Path, check: Check, tolerance: float) -> str:
-    return (f"{path}: exported model does not match PyTorch on {check.source}: max |logit diff| "
-            f"{check.max_abs_diff:.2e} (limit {tolerance:.0e}), same class on {check.argmax_agreement}/"
-            f"{check.count} images; nothing written")
+    return (
+        f"{path}: exported model does not match PyTorch on {check.source}: max |logit diff| "
+        f"{check.max_abs_diff:.2e} (limit {tolerance:.0e}), same class on {check.argmax_agreement}/"
+        f"{check.count} images; nothing written"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,8 +244,9 @@ def _tolerance_message(path: Path, check: Check, tolerance: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pixel_model(model: "torch.nn.Module", mean: float | None, std: float | None,
-                temperature: float = 1.0) -> "torch.nn.Module":
+def pixel_model(
+    model: torch.nn.Module, mean: float | None, std: float | None, temperature: float = 1.0
+) -> torch.nn.Module:
     """Wrap a model that takes normalised input into one that takes pixels in [0, 1] (N, 1, 28, 28) and
     returns calibrated logits (divided by the checkpoint's temperature: softmax gives calibrated
     probabilities)."""
@@ -251,7 +269,7 @@ def pixel_model(model: "torch.nn.Module", mean: float | None, std: float | None,
     return PixelModel().eval()
 
 
-def ensemble_model(members: Sequence["torch.nn.Module"]) -> "torch.nn.Module":
+def ensemble_model(members: Sequence[torch.nn.Module]) -> torch.nn.Module:
     """Several pixel models (see `pixel_model`) as one graph: the log of their mean calibrated probabilities.
 
     softmax(log p) = p, so whoever applies softmax to the output, as to any digitlab export, gets the
@@ -271,7 +289,7 @@ def ensemble_model(members: Sequence["torch.nn.Module"]) -> "torch.nn.Module":
     return Ensemble().eval()
 
 
-def _pixel_module(checkpoints: Sequence[str | Path]) -> tuple[Path, "torch.nn.Module", Any]:
+def _pixel_module(checkpoints: Sequence[str | Path]) -> tuple[Path, torch.nn.Module, Any]:
     """The graph to export for one checkpoint or an ensemble: (first weights path, module, info). An
     ensemble's info says so in its model name and lists its members' checkpoints."""
     loaded = [_load_checkpoint(c) for c in checkpoints]
@@ -284,21 +302,25 @@ def _pixel_module(checkpoints: Sequence[str | Path]) -> tuple[Path, "torch.nn.Mo
     module = ensemble_model([pixel_model(m, i.mean, i.std, i.temperature) for _, m, i in loaded])
     info = copy.copy(info)
     info.model = "ensemble"
-    info.model_config = {"members": [{"checkpoint": str(w), "model": i.model, "model_config": i.model_config,
-                                      "temperature": i.temperature} for w, _, i in loaded]}
+    info.model_config = {
+        "members": [
+            {"checkpoint": str(w), "model": i.model, "model_config": i.model_config, "temperature": i.temperature}
+            for w, _, i in loaded
+        ]
+    }
     info.temperature = 1.0  # applied per member, inside the graph
     info.metrics = {}
     return weights, module, info
 
 
-def _example_input() -> "torch.Tensor":
+def _example_input() -> torch.Tensor:
     """The tracing input: (2, 1, 28, 28) pixels from a private generator (the global RNG is left alone)."""
     import torch
 
     return torch.rand(2, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0))
 
 
-def _torch_logits(module: "torch.nn.Module") -> Callable[[np.ndarray], np.ndarray]:
+def _torch_logits(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
     def run(pixels: np.ndarray) -> np.ndarray:
@@ -327,10 +349,13 @@ def _metadata(weights: Path, info: Any, exporter: str, check: Check | None = Non
         "class_names": json.dumps(list(info.class_names)),
         "input": INPUT_DESCRIPTION,
         "input_shape": f"({BATCH_AXIS}, 1, 28, 28) float32",
-        "normalisation": ("none" if info.mean is None or info.std is None
-                          else f"(pixels - {info.mean}) / {info.std}, inside the graph"),
+        "normalisation": (
+            "none"
+            if info.mean is None or info.std is None
+            else f"(pixels - {info.mean}) / {info.std}, inside the graph"
+        ),
         "temperature": f"{getattr(info, 'temperature', 1.0)!r}, applied inside the graph (the outputs are "
-                       "calibrated logits)",
+        "calibrated logits)",
         "dataset": info.dataset,
         "checkpoint": weights.name,
         "checkpoint_epoch": str(info.epoch),
@@ -341,8 +366,10 @@ def _metadata(weights: Path, info: Any, exporter: str, check: Check | None = Non
     if isinstance(info.metrics.get("test_accuracy"), (int, float)):
         meta["test_accuracy"] = f"{info.metrics['test_accuracy']:.4f}"
     if check is not None:
-        meta["verified"] = (f"max |logit diff| {check.max_abs_diff:.2e} vs PyTorch on {check.source}, "
-                            f"same class on {check.argmax_agreement}/{check.count}")
+        meta["verified"] = (
+            f"max |logit diff| {check.max_abs_diff:.2e} vs PyTorch on {check.source}, "
+            f"same class on {check.argmax_agreement}/{check.count}"
+        )
     return meta
 
 
@@ -421,7 +448,7 @@ def _quiet_export() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["onnx.ModelProto", str]:
+def _onnx_proto(module: torch.nn.Module, opset: int, exporter: str) -> tuple[onnx.ModelProto, str]:
     """Export to an in-memory ModelProto with a dynamic batch axis; returns (proto, exporter used).
 
     The torch.export-based ("dynamo") exporter is torch's supported path since 2.9 and runs offline (onnxscript
@@ -438,9 +465,17 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
         try:
             with _quiet_export():
                 program = torch.onnx.export(
-                    module, (example,), None, dynamo=True, opset_version=opset, verbose=False,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
-                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_AXIS)}})
+                    module,
+                    (example,),
+                    None,
+                    dynamo=True,
+                    opset_version=opset,
+                    verbose=False,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    external_data=False,
+                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_AXIS)}},
+                )
             return program.model_proto, f"torch.onnx dynamo exporter (torch {torch.__version__})"
         except Exception as exc:  # the new exporter raises many types; fall back and say why on failure
             errors.append(f"dynamo exporter: {exc.__class__.__name__}: {first_line(exc)}")
@@ -451,9 +486,15 @@ def _onnx_proto(module: "torch.nn.Module", opset: int, exporter: str) -> tuple["
             buffer = io.BytesIO()
             with _quiet_export():
                 torch.onnx.export(
-                    module, (example,), buffer, dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}})
+                    module,
+                    (example,),
+                    buffer,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+                )
             used = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
             return onnx.load_from_string(buffer.getvalue()), used
         except Exception as exc:
@@ -498,7 +539,7 @@ def graph_bytes(model_bytes: bytes) -> bytes:
             if field_number == 7:
                 if found is not None:
                     raise ValueError("more than one graph")
-                found = model_bytes[pos:pos + length]
+                found = model_bytes[pos : pos + length]
             pos += length
         else:
             raise ValueError(f"unexpected wire type {wire_type}")
@@ -514,7 +555,7 @@ def graph_digest(model_bytes: bytes) -> str:
     return hashlib.sha256(graph_bytes(model_bytes)).hexdigest()
 
 
-def _sealed(proto: "onnx.ModelProto", metadata: dict[str, str]) -> bytes:
+def _sealed(proto: onnx.ModelProto, metadata: dict[str, str]) -> bytes:
     """The model's bytes with `metadata` plus the digest of its graph (the graph is not changed by metadata)."""
     _set_metadata(proto, metadata)
     digest = graph_digest(proto.SerializeToString())
@@ -526,7 +567,7 @@ def _sealed(proto: "onnx.ModelProto", metadata: dict[str, str]) -> bytes:
     return sealed
 
 
-def _set_metadata(proto: "onnx.ModelProto", metadata: dict[str, str]) -> None:
+def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -625,15 +666,28 @@ def export_onnx(
         except Exception as exc:  # onnxruntime raises its own types for a graph it cannot load
             raise ExportError(f"{out}: int8 model does not load in onnxruntime: {first_line(exc)}") from None
         quantized_check = compare(fp32_logits, int8_logits, verify)
-        metadata["verified_int8"] = (f"same class as fp32 on {quantized_check.argmax_agreement}/"
-                                     f"{quantized_check.count} of {quantized_check.source}")
+        metadata["verified_int8"] = (
+            f"same class as fp32 on {quantized_check.argmax_agreement}/"
+            f"{quantized_check.count} of {quantized_check.source}"
+        )
         final_bytes = _sealed(int8, metadata)
 
     _write(out, final_bytes, force)
-    return ExportReport(path=out, format="onnx", model=info.model, checkpoint=weights, exporter=exporter_used,
-                        opset=opset, size_bytes=len(final_bytes), tolerance=tolerance, check=check,
-                        quantize=quantize, quantized_check=quantized_check, metadata=metadata,
-                        seconds=time.perf_counter() - started)
+    return ExportReport(
+        path=out,
+        format="onnx",
+        model=info.model,
+        checkpoint=weights,
+        exporter=exporter_used,
+        opset=opset,
+        size_bytes=len(final_bytes),
+        tolerance=tolerance,
+        check=check,
+        quantize=quantize,
+        quantized_check=quantized_check,
+        metadata=metadata,
+        seconds=time.perf_counter() - started,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -685,19 +739,33 @@ def export_torchscript(
     metadata = _metadata(weights, info, exporter, check)
     final_bytes = archive(metadata)
     _write(out, final_bytes, force)
-    return ExportReport(path=out, format="torchscript", model=info.model, checkpoint=weights, exporter=exporter,
-                        opset=None, size_bytes=len(final_bytes), tolerance=tolerance, check=check,
-                        metadata=metadata, seconds=time.perf_counter() - started)
+    return ExportReport(
+        path=out,
+        format="torchscript",
+        model=info.model,
+        checkpoint=weights,
+        exporter=exporter,
+        opset=None,
+        size_bytes=len(final_bytes),
+        tolerance=tolerance,
+        check=check,
+        metadata=metadata,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def export(checkpoint: str | Path | Sequence[str | Path], out: str | Path, format: str = "onnx",
-           quantize: str | None = None,
-           verify_images: VerifySet | np.ndarray | None = None, opset: int = DEFAULT_OPSET,
-           force: bool = False) -> ExportReport:
+def export(
+    checkpoint: str | Path | Sequence[str | Path],
+    out: str | Path,
+    format: str = "onnx",
+    quantize: str | None = None,
+    verify_images: VerifySet | np.ndarray | None = None,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+) -> ExportReport:
     """Export in the named format ("onnx" or "torchscript"); an existing `out` is replaced only with force."""
     if format == "onnx":
-        return export_onnx(checkpoint, out, opset=opset, quantize=quantize, verify_images=verify_images,
-                           force=force)
+        return export_onnx(checkpoint, out, opset=opset, quantize=quantize, verify_images=verify_images, force=force)
     if format == "torchscript":
         if quantize is not None:
             raise ExportError("--quantize works with --format onnx only")
@@ -754,8 +822,7 @@ class OnnxModel:
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None):
         self.path = Path(path)
         if not self.path.is_file():
-            raise ExportError(f"{self.path}: file not found" if not self.path.exists()
-                              else f"{self.path}: not a file")
+            raise ExportError(f"{self.path}: file not found" if not self.path.exists() else f"{self.path}: not a file")
         _onnxruntime(str(self.path))  # MissingExtra before the file is read
         try:
             model_bytes = self.path.read_bytes()
@@ -768,8 +835,10 @@ class OnnxModel:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE):
             found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
-            raise ExportError(f"{self.path}: not a digitlab export: expected one input '{INPUT_NAME}' "
-                              f"(batch, 1, 28, 28), found {found}")
+            raise ExportError(
+                f"{self.path}: not a digitlab export: expected one input '{INPUT_NAME}' "
+                f"(batch, 1, 28, 28), found {found}"
+            )
         self.output_name = outputs[0].name
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._verify_digest(model_bytes)
@@ -779,9 +848,12 @@ class OnnxModel:
             metrics = json.loads(self.metadata.get("checkpoint_metrics", "{}"))
         except ValueError:
             metrics = {}
-        self.info = ExportedInfo(model=self.model_name, class_names=self.class_names,
-                                 dataset=self.metadata.get("dataset", "mnist"),
-                                 metrics=metrics if isinstance(metrics, dict) else {})
+        self.info = ExportedInfo(
+            model=self.model_name,
+            class_names=self.class_names,
+            dataset=self.metadata.get("dataset", "mnist"),
+            metrics=metrics if isinstance(metrics, dict) else {},
+        )
 
     def _verify_digest(self, model_bytes: bytes) -> None:
         """The graph must hash to the digest recorded at export (exports without one, made by digitlab before it
@@ -794,8 +866,10 @@ class OnnxModel:
         except ValueError as exc:
             raise ExportError(f"{self.path}: corrupt ONNX model ({exc})") from None
         if actual != expected:
-            raise ExportError(f"{self.path}: corrupt ONNX model: the SHA-256 of its graph does not match the "
-                              f"{DIGEST_KEY} recorded at export (a damaged or modified file)")
+            raise ExportError(
+                f"{self.path}: corrupt ONNX model: the SHA-256 of its graph does not match the "
+                f"{DIGEST_KEY} recorded at export (a damaged or modified file)"
+            )
 
     def _class_names(self, output_shape: list) -> list[str]:
         try:
@@ -837,8 +911,30 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 __all__ = [
-    "ExportError", "ExportReport", "Check", "VerifySet", "OnnxModel", "ExportedInfo", "onnx_providers",
-    "export", "export_onnx", "export_torchscript", "mnist_verify_set", "synthetic_verify_set", "compare",
-    "pixel_model", "read_metadata", "to_pixels", "FORMATS", "QUANTIZATIONS", "DEFAULT_OPSET", "TOLERANCE",
-    "INPUT_NAME", "OUTPUT_NAME", "BATCH_AXIS", "check_output", "graph_digest", "DIGEST_KEY",
+    "ExportError",
+    "ExportReport",
+    "Check",
+    "VerifySet",
+    "OnnxModel",
+    "ExportedInfo",
+    "onnx_providers",
+    "export",
+    "export_onnx",
+    "export_torchscript",
+    "mnist_verify_set",
+    "synthetic_verify_set",
+    "compare",
+    "pixel_model",
+    "read_metadata",
+    "to_pixels",
+    "FORMATS",
+    "QUANTIZATIONS",
+    "DEFAULT_OPSET",
+    "TOLERANCE",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "BATCH_AXIS",
+    "check_output",
+    "graph_digest",
+    "DIGEST_KEY",
 ]

@@ -47,8 +47,10 @@ def require(extra: str, module: str) -> ModuleType:
         what = EXTRAS.get(extra, extra)
         if isinstance(exc, ModuleNotFoundError):
             raise MissingExtra(f"{what} needs {missing}, which is not installed: {pip_line(extra)}") from None
-        raise MissingExtra(f"{what} needs {missing}, which cannot be imported ({first_line(exc, 120)}): "
-                           f"pip install --upgrade \"digitlab[{extra}]\"") from None
+        raise MissingExtra(
+            f"{what} needs {missing}, which cannot be imported ({first_line(exc, 120)}): "
+            f'pip install --upgrade "digitlab[{extra}]"'
+        ) from None
 
 
 def installed(module: str) -> bool:
@@ -65,5 +67,8 @@ def plots_available() -> bool:
 
 def plots_skipped(names: list[str] | tuple[str, ...]) -> None:
     """Say, in one line on stderr, that these PNG files were not drawn and which extra draws them."""
-    print(f"digitlab: note: matplotlib is not installed: skipped {', '.join(names)} "
-          f"({pip_line('plots')} draws them)", file=sys.stderr, flush=True)
+    print(
+        f"digitlab: note: matplotlib is not installed: skipped {', '.join(names)} ({pip_line('plots')} draws them)",
+        file=sys.stderr,
+        flush=True,
+    )

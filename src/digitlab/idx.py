@@ -60,7 +60,7 @@ def idx_size(header: bytes) -> int | None:
     ndim = header[3]
     if len(header) < 4 + 4 * ndim:
         return None
-    return 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", header[4:4 + 4 * ndim]))
+    return 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", header[4 : 4 + 4 * ndim]))
 
 
 def _inflate(raw: bytes, limit: int) -> tuple[bytes, bool]:
@@ -99,10 +99,14 @@ def gunzip(raw: bytes, name: str) -> bytes:
         raise DataError(f"{name}: corrupt gzip data ({exc})") from None
     if len(data) > limit:
         if expected > MAX_IDX_BYTES:
-            raise DataError(f"{name}: header claims {expected} bytes, more than digitlab reads from one file "
-                            f"({MAX_IDX_BYTES} bytes)")
-        raise DataError(f"{name}: trailing bytes: {expected} bytes expected, the gzip data expands to more than "
-                        f"{limit} bytes (refused without decompressing the rest)")
+            raise DataError(
+                f"{name}: header claims {expected} bytes, more than digitlab reads from one file "
+                f"({MAX_IDX_BYTES} bytes)"
+            )
+        raise DataError(
+            f"{name}: trailing bytes: {expected} bytes expected, the gzip data expands to more than "
+            f"{limit} bytes (refused without decompressing the rest)"
+        )
     if not ended:
         raise DataError(f"{name}: corrupt gzip data (incomplete or truncated stream)")
     return data
@@ -120,8 +124,10 @@ def parse_idx(data: bytes, name: str = "<bytes>", expect_magic: int | None = Non
         raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic or '2051 or 2049'})")
     if expect_magic is not None and magic != expect_magic:
         # A valid unsigned-byte header whose last byte (the number of dimensions) is not the expected one.
-        raise DataError(f"{name}: bad magic number {magic} (expected {expect_magic}): {ndim} dimensions, "
-                        f"expected {expect_magic & 0xFF}")
+        raise DataError(
+            f"{name}: bad magic number {magic} (expected {expect_magic}): {ndim} dimensions, "
+            f"expected {expect_magic & 0xFF}"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{name}: truncated: header needs {header} bytes, {len(data)} found")

@@ -58,8 +58,21 @@ def has_fused_adam(device_type: str) -> bool:
         for kernel in (torch._fused_adam_, torch._fused_adamw_):
             p, g, m, v = (torch.full((2,), 0.5, device=device_type) for _ in range(4))
             step = torch.ones((), device=device_type)
-            kernel([p], [g], [m], [v], [], [step], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
-                   amsgrad=False, maximize=False)
+            kernel(
+                [p],
+                [g],
+                [m],
+                [v],
+                [],
+                [step],
+                lr=0.1,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=0.0,
+                eps=1e-8,
+                amsgrad=False,
+                maximize=False,
+            )
         return True
     except (AttributeError, RuntimeError, TypeError, NotImplementedError):
         return False
@@ -73,8 +86,9 @@ def each(method: str, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) ->
     """
     if has_foreach():
         return getattr(torch, "_foreach_" + method)(tensors, *args, **kwargs)
-    return [getattr(t, method)(*(a[i] if isinstance(a, list) else a for a in args), **kwargs)
-            for i, t in enumerate(tensors)]
+    return [
+        getattr(t, method)(*(a[i] if isinstance(a, list) else a for a in args), **kwargs) for i, t in enumerate(tensors)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,8 +121,9 @@ class Optimizer:
             raise ValueError("some parameters appear in more than one parameter group")
         self.param_groups.append({**self.defaults, **group, "params": params})
         for p in params:
-            self.state[p] = {name: torch.zeros_like(p, memory_format=torch.preserve_format)
-                             for name in self.buffer_names}
+            self.state[p] = {
+                name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.buffer_names
+            }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -132,26 +147,36 @@ class Optimizer:
                 self.update(group, params, [p.grad for p in params], buffers)
         return loss
 
-    def update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-               buffers: dict[str, list[torch.Tensor]]) -> None:
+    def update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        buffers: dict[str, list[torch.Tensor]],
+    ) -> None:
         """Apply one step to the parameters of one group that have gradients."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
-        buffers = {name: [self.state[p][name] for group in self.param_groups for p in group["params"]]
-                   for name in self.buffer_names}
+        buffers = {
+            name: [self.state[p][name] for group in self.param_groups for p in group["params"]]
+            for name in self.buffer_names
+        }
         return {"steps": self.steps, "groups": groups, "buffers": buffers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["groups"]) != len(self.param_groups):
-            raise ValueError(f"saved state has {len(state['groups'])} parameter groups, this optimizer "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"saved state has {len(state['groups'])} parameter groups, this optimizer {len(self.param_groups)}"
+            )
         params = [p for group in self.param_groups for p in group["params"]]
         for name in self.buffer_names:
             if len(state["buffers"][name]) != len(params):
-                raise ValueError(f"saved state has {len(state['buffers'][name])} {name} buffers, "
-                                 f"this optimizer {len(params)} parameters")
+                raise ValueError(
+                    f"saved state has {len(state['buffers'][name])} {name} buffers, "
+                    f"this optimizer {len(params)} parameters"
+                )
         self.steps = int(state["steps"])
         for group, saved in zip(self.param_groups, state["groups"]):
             group.update(saved)
@@ -165,8 +190,9 @@ class SGD(Optimizer):
 
     buffer_names = ("velocity",)
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self, params: Iterable[Any], lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0
+    ):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def update(self, group, params, grads, buffers):
@@ -192,8 +218,15 @@ class Adam(Optimizer):
     buffer_names = ("exp_avg", "exp_avg_sq")
     decoupled = False
 
-    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = True):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        fused: bool = True,
+    ):
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.fused = fused  # use the fused kernel where the probe says it runs
 
@@ -204,8 +237,21 @@ class Adam(Optimizer):
         if self.fused and device.type in ("cpu", "cuda") and has_fused_adam(device.type):
             kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
             steps = torch.full((), float(self.steps), device=device)  # the kernel reads t from here
-            kernel(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], [], [steps] * len(params), lr=lr,
-                   beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+            kernel(
+                params,
+                grads,
+                buffers["exp_avg"],
+                buffers["exp_avg_sq"],
+                [],
+                [steps] * len(params),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
             return
         if weight_decay and self.decoupled:
             each("mul_", params, 1 - lr * weight_decay)
@@ -215,8 +261,8 @@ class Adam(Optimizer):
         each("lerp_", exp_avg, grads, 1 - beta1)
         each("mul_", exp_avg_sq, beta2)
         each("addcmul_", exp_avg_sq, grads, grads, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2 = 1 - beta2 ** self.steps
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2 = 1 - beta2**self.steps
         denominator = each("sqrt", exp_avg_sq)
         each("div_", denominator, math.sqrt(bias_correction2))
         each("add_", denominator, eps)
@@ -230,8 +276,10 @@ class AdamW(Adam):
 def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     """Two param groups: weights (2-D and more) decay; biases and normalisation parameters (1-D) do not."""
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]] or [{"params": [], "weight_decay": weight_decay}]
 
 
@@ -305,9 +353,16 @@ class OneCycle(Schedule):
     rate for a short while is what lets two epochs train the MLP to 98%.
     """
 
-    def __init__(self, optimizer: Optimizer, max_lr: float, total_steps: int, warmup: float = 0.25,
-                 momentum: tuple[float, float] = (0.85, 0.95), div_factor: float = 25.0,
-                 final_div_factor: float = 1e4):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: float,
+        total_steps: int,
+        warmup: float = 0.25,
+        momentum: tuple[float, float] = (0.85, 0.95),
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+    ):
         self.max_lr, self.warmup, self.momentum = max_lr, warmup, momentum
         self.start_lr = max_lr / div_factor
         self.end_lr = self.start_lr / final_div_factor

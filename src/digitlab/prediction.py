@@ -84,16 +84,24 @@ def failed(path: str | None, message: str) -> Prediction:
     return Prediction(path=path, digit=None, confidence=None, probabilities=None, top3=None, error=message)
 
 
-def from_probabilities(path: str | None, probabilities: np.ndarray, preprocessed: np.ndarray | None,
-                       reject_below: float | None) -> Prediction:
+def from_probabilities(
+    path: str | None, probabilities: np.ndarray, preprocessed: np.ndarray | None, reject_below: float | None
+) -> Prediction:
     """A Prediction from one row of probabilities (10,)."""
     p = [float(v) for v in probabilities]
     order = sorted(range(len(p)), key=lambda k: -p[k])
     best = order[0]
     rejected = reject_below is not None and p[best] < reject_below
-    return Prediction(path=path, digit=None if rejected else best, confidence=p[best], probabilities=p,
-                      top3=[(k, p[k]) for k in order[:3]], error=None, preprocessed=preprocessed,
-                      rejected=rejected)
+    return Prediction(
+        path=path,
+        digit=None if rejected else best,
+        confidence=p[best],
+        probabilities=p,
+        top3=[(k, p[k]) for k in order[:3]],
+        error=None,
+        preprocessed=preprocessed,
+        rejected=rejected,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,8 +123,13 @@ class InputItem:
 # are 47 MB as raw IDX. Beyond it a file is refused unread, so /dev/zero or a huge file cannot fill memory.
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
 
 
 def _file_problem(path: Path, name: str) -> str | None:
@@ -174,8 +187,10 @@ def _idx_items(raw: bytes, name: str) -> list[InputItem]:
     if images.shape[0] == 0:
         return [InputItem(name, error=f"{name}: IDX file holds no images")]
     mnist = images.shape[1:] == (28, 28)
-    return [InputItem(f"{name}#{i}", source=None if mnist else image, mnist=image if mnist else None)
-            for i, image in enumerate(images)]
+    return [
+        InputItem(f"{name}#{i}", source=None if mnist else image, mnist=image if mnist else None)
+        for i, image in enumerate(images)
+    ]
 
 
 def _is_loop(path: Path) -> bool:
@@ -199,8 +214,12 @@ def _walk(directory: Path) -> list[Path]:
             if name.startswith("."):
                 continue
             lower = name.lower()
-            if lower.endswith(IMAGE_SUFFIXES) or lower.endswith(IDX_SUFFIXES) or "idx3" in lower \
-                    or _is_loop(Path(root) / name):
+            if (
+                lower.endswith(IMAGE_SUFFIXES)
+                or lower.endswith(IDX_SUFFIXES)
+                or "idx3" in lower
+                or _is_loop(Path(root) / name)
+            ):
                 found.append(Path(root) / name)
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
@@ -311,8 +330,9 @@ def _prepare_all(pool: ThreadPoolExecutor, workers: int, batch: Sequence[InputIt
     big = [k for k, item in enumerate(batch) if _is_big(item)] if workers > 1 else []
     results: list = [None] * len(batch)
     share = -(-len(big) // workers) if big else 1
-    parts = pool.map(lambda start: [(k, _prepare(batch[k])) for k in big[start:start + share]],
-                     range(0, len(big), share))
+    parts = pool.map(
+        lambda start: [(k, _prepare(batch[k])) for k in big[start : start + share]], range(0, len(big), share)
+    )
     chosen = set(big)
     for k, item in enumerate(batch):
         if k not in chosen:
@@ -359,8 +379,15 @@ class Predictor:
     An ensemble (`from_checkpoints`) averages its members' calibrated probabilities.
     """
 
-    def __init__(self, run_logits: RunLogits, info: Any, model: Any = None, device: Any = "cpu",
-                 batch_size: int = DEFAULT_BATCH_SIZE, temperature: float | None = None):
+    def __init__(
+        self,
+        run_logits: RunLogits,
+        info: Any,
+        model: Any = None,
+        device: Any = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        temperature: float | None = None,
+    ):
         if batch_size < 1:
             raise PredictError(f"--batch-size {batch_size}: must be >= 1")
         if temperature is None:
@@ -380,19 +407,23 @@ class Predictor:
         return self.members[0][1]
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto",
-                        batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
         """Load a checkpoint (a run dir or a .safetensors/.json file) for inference."""
         from .checkpoint import load
         from .devices import resolve_device
 
         torch_device = resolve_device(device)
         model, info = load(path, device=torch_device)
-        return cls(_torch_runner(model, info.mean, info.std, torch_device), info, model=model,
-                   device=torch_device, batch_size=batch_size)
+        return cls(
+            _torch_runner(model, info.mean, info.std, torch_device),
+            info,
+            model=model,
+            device=torch_device,
+            batch_size=batch_size,
+        )
 
     @classmethod
-    def from_onnx(cls, path: str | Path, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> "Predictor":
+    def from_onnx(cls, path: str | Path, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
         """Load a model written by `digitlab export` and run it with onnxruntime: torch is never imported.
         The exported graph already divides its logits by the checkpoint's temperature."""
         from .export import OnnxModel, onnx_providers
@@ -401,15 +432,20 @@ class Predictor:
         return cls(model.logits, model.info, device=device, batch_size=batch_size, temperature=1.0)
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto",
-                         batch_size: int = DEFAULT_BATCH_SIZE, onnx: bool | None = None) -> "Predictor":
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | Path],
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        onnx: bool | None = None,
+    ) -> Predictor:
         """An ensemble: each checkpoint (or exported .onnx file) is loaded, and their calibrated probabilities
         are averaged. One path gives a plain Predictor. `explain` and `activations` show the first member.
         onnx: True loads every path with onnxruntime, False as a checkpoint; None decides by the .onnx suffix."""
         if not paths:
             raise PredictError("--checkpoint: give at least one checkpoint")
 
-        def load_one(path: str | Path) -> "Predictor":
+        def load_one(path: str | Path) -> Predictor:
             if onnx or (onnx is None and str(path).endswith(".onnx")):
                 return cls.from_onnx(path, device=device, batch_size=batch_size)
             return cls.from_checkpoint(path, device=device, batch_size=batch_size)
@@ -418,8 +454,10 @@ class Predictor:
         for path in paths[1:]:
             member = load_one(path)
             if list(member.info.class_names) != list(first.info.class_names):
-                raise PredictError(f"{path}: an ensemble needs members with the same classes "
-                                   f"({', '.join(member.info.class_names)} vs {', '.join(first.info.class_names)})")
+                raise PredictError(
+                    f"{path}: an ensemble needs members with the same classes "
+                    f"({', '.join(member.info.class_names)} vs {', '.join(first.info.class_names)})"
+                )
             first.members.extend(member.members)
         return first
 
@@ -443,13 +481,19 @@ class Predictor:
         x = np.ascontiguousarray(model_input(x)).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28) float32 in [0, 1]
         if len(x) == 0:
             return np.zeros((0, 10), dtype=np.float32)
-        return np.concatenate([self._probabilities(x[i:i + self.batch_size])
-                               for i in range(0, len(x), self.batch_size)])
+        return np.concatenate(
+            [self._probabilities(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        )
 
     # -- images ------------------------------------------------------------------------------------------
 
-    def iter_predict(self, items: Sequence[InputItem], reject_below: float | None = None,
-                     save_dir: str | Path | None = None, workers: int | None = None) -> Iterator[Prediction]:
+    def iter_predict(
+        self,
+        items: Sequence[InputItem],
+        reject_below: float | None = None,
+        save_dir: str | Path | None = None,
+        workers: int | None = None,
+    ) -> Iterator[Prediction]:
         """Predictions for expanded items, in order, a batch at a time (preprocessing on `workers` threads)."""
         if reject_below is not None and not 0.0 <= reject_below <= 1.0:
             raise PredictError(f"--reject-below {reject_below}: must be between 0 and 1")
@@ -459,11 +503,12 @@ class Predictor:
             try:
                 save.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise PredictError(f"--save-preprocessed {save}: cannot create the folder "
-                                   f"({exc.strerror or exc})") from None
+                raise PredictError(
+                    f"--save-preprocessed {save}: cannot create the folder ({exc.strerror or exc})"
+                ) from None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for start in range(0, len(items), self.batch_size):
-                batch = items[start:start + self.batch_size]
+                batch = items[start : start + self.batch_size]
                 prepared = _prepare_all(pool, workers, batch)
                 ok = [k for k, (x, _) in enumerate(prepared) if x is not None]
                 probabilities = self.predict_arrays(np.stack([prepared[k][0] for k in ok])) if ok else None
@@ -527,8 +572,9 @@ class Predictor:
         from .saliency import integrated_gradients
 
         with self._lock:  # one pass at a time on the shared model
-            return integrated_gradients(self.model, image, self.info.mean, self.info.std, steps=steps,
-                                        device=self.device)
+            return integrated_gradients(
+                self.model, image, self.info.mean, self.info.std, steps=steps, device=self.device
+            )
 
 
 def _name_of(image: Any) -> str | None:
@@ -567,7 +613,7 @@ def path_width(items: Sequence[InputItem], limit: int = 60) -> int:
 
 
 def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def table_header(width: int) -> str:
@@ -580,7 +626,7 @@ def table_row(prediction: Prediction, width: int) -> str:
     if prediction.error is not None:
         message = prediction.error
         if prediction.path and message.startswith(prediction.path + ": "):
-            message = message[len(prediction.path) + 2:]
+            message = message[len(prediction.path) + 2 :]
         return f"{path:<{width}}  {'-':>5}  {'-':>10}  error: {message}"
     digit = "-" if prediction.digit is None else str(prediction.digit)
     top3 = ", ".join(f"{d} {p:.3f}" for d, p in prediction.top3 or [])

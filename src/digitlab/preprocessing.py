@@ -76,8 +76,14 @@ class PreprocessError(DigitlabError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
-              b"MM\x00*": "TIFF"}
+SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 def _signature(raw: bytes) -> str | None:
@@ -88,8 +94,10 @@ def _signature(raw: bytes) -> str | None:
 
 
 def _too_large(name: str, width: int, height: int) -> ImageError:
-    return ImageError(f"{name}: image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
-                      f"(the limit is {MAX_PIXELS / 1e6:.0f} megapixels)")
+    return ImageError(
+        f"{name}: image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
+        f"(the limit is {MAX_PIXELS / 1e6:.0f} megapixels)"
+    )
 
 
 def load_image(source: str | Path | bytes | io.IOBase, name: str | None = None) -> Image.Image:
@@ -257,8 +265,9 @@ def _array_to_gray(a: np.ndarray) -> np.ndarray:
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise PreprocessError(f"image has no pixels (shape {a.shape})")
     if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise PreprocessError(f"image too large: {a.shape[1]}x{a.shape[0]} (the limit is "
-                              f"{MAX_PIXELS / 1e6:.0f} megapixels)")
+        raise PreprocessError(
+            f"image too large: {a.shape[1]}x{a.shape[0]} (the limit is {MAX_PIXELS / 1e6:.0f} megapixels)"
+        )
     a = _to_unit(a)
     if a.ndim == 2:
         return a
@@ -288,8 +297,9 @@ def to_gray(image: Any) -> np.ndarray:
         while array.ndim > 3 and array.shape[0] == 1:
             array = array[0]
         return _array_to_gray(array)
-    raise PreprocessError(f"cannot read an image from a {type(image).__name__} (expected a PIL image, "
-                          "numpy array or torch tensor)")
+    raise PreprocessError(
+        f"cannot read an image from a {type(image).__name__} (expected a PIL image, numpy array or torch tensor)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,7 +380,7 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """a moved by (dy, dx) pixels, edges repeated: out[y, x] = a[y - dy, x - dx]."""
     h, w = a.shape
     padded = np.pad(a, ((abs(dy), abs(dy)), (abs(dx), abs(dx))), mode="edge")
-    return padded[abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
+    return padded[abs(dy) - dy : abs(dy) - dy + h, abs(dx) - dx : abs(dx) - dx + w]
 
 
 def _ink_is_dark(gray: np.ndarray) -> bool:
@@ -387,7 +397,7 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     # The outer 10% is left out: page edges, the table and lit slivers between them live there.
     h, w = small.shape
     inner = np.zeros_like(small)
-    inner[h // 10:h - h // 10, w // 10:w - w // 10] = 1.0
+    inner[h // 10 : h - h // 10, w // 10 : w - w // 10] = 1.0
     darker = lighter = 0.0
     # Only pixels on the ink's side of the paper count: the paper showing through a bold "0" is a bright
     # ridge between dark strokes, but no brighter than the rest of the paper (the picture's median).
@@ -459,8 +469,9 @@ def _fill_dips(bg: np.ndarray) -> np.ndarray:
         # One step of reconstruction by erosion. Plain numpy slices, not scipy.ndimage.minimum_filter: on these
         # small images scipy's per-call cost makes it 4x slower (benchmarks/preprocess_speed.py).
         eroded = marker.copy()
-        eroded[1:-1, 1:-1] = np.minimum.reduce([marker[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
-                                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        eroded[1:-1, 1:-1] = np.minimum.reduce(
+            [marker[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        )
         new = np.maximum(eroded, bg)
         if np.array_equal(new, marker):
             break
@@ -493,8 +504,9 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray:
         raise PreprocessError("no ink found: the image is blank")
     peak = float(np.percentile(above, 90))
     if peak < MIN_INK_CONTRAST or peak - low < 0.03:
-        raise PreprocessError(f"no ink found: nothing is more than {MIN_INK_CONTRAST:.0%} darker or lighter "
-                              "than the background")
+        raise PreprocessError(
+            f"no ink found: nothing is more than {MIN_INK_CONTRAST:.0%} darker or lighter than the background"
+        )
     return np.clip((blurred - low) / (peak - low), 0.0, 1.0)
 
 
@@ -524,13 +536,13 @@ def _clear_border_bands(mask: np.ndarray) -> np.ndarray:
     rest = mask.copy()
     for lines, depth in zip(_sides(rest), depths):
         if depth:
-            lines[:depth + 1] = False  # views: this clears `rest` itself
+            lines[: depth + 1] = False  # views: this clears `rest` itself
     for side, depth in enumerate(depths):
         opposite = OPPOSITE[side]
         start = depths[opposite] + 1 if depths[opposite] else 0
         reach = max(2, round(0.03 * mask.shape[side >= 2]))  # a stroke's rounded end may stop a little short
-        if depth and not _sides(rest)[opposite][start:start + reach].any():
-            _sides(mask)[side][:depth + 1] = False
+        if depth and not _sides(rest)[opposite][start : start + reach].any():
+            _sides(mask)[side][: depth + 1] = False
     return mask
 
 
@@ -545,7 +557,7 @@ def _remove_box_lines(mask: np.ndarray) -> np.ndarray:
     found = []
     for side, lines in enumerate(_sides(mask)):
         count, length = lines.shape
-        zone = lines[:max(1, count // 4)]
+        zone = lines[: max(1, count // 4)]
         hits = np.nonzero(zone.mean(axis=1) >= 0.75)[0]
         if hits.size == 0 or length < 8:
             continue
@@ -558,7 +570,7 @@ def _remove_box_lines(mask: np.ndarray) -> np.ndarray:
         return mask
     mask = mask.copy()
     for side, last in found:
-        _sides(mask)[side][:last + 2] = False  # the line, everything outside it, and its soft inner edge
+        _sides(mask)[side][: last + 2] = False  # the line, everything outside it, and its soft inner edge
     return mask
 
 
@@ -591,10 +603,17 @@ def _select_digit(strength: np.ndarray) -> np.ndarray:
         across_rows = top <= 1 and bottom >= bh - 2
         across_cols = left <= 1 and right >= bw - 2
         # And an edge is a band: thin across the side it lines (a digit's loop resting on the bottom is not).
-        edge = ((near_top_bottom and width >= (0.6 if min(top, bh - 1 - bottom) == 0 else 0.9) * bw
-                 and height <= 0.3 * bh and not across_rows)
-                or (near_left_right and height >= (0.6 if min(left, bw - 1 - right) == 0 else 0.9) * bh
-                    and width <= 0.3 * bw and not across_cols))
+        edge = (
+            near_top_bottom
+            and width >= (0.6 if min(top, bh - 1 - bottom) == 0 else 0.9) * bw
+            and height <= 0.3 * bh
+            and not across_rows
+        ) or (
+            near_left_right
+            and height >= (0.6 if min(left, bw - 1 - right) == 0 else 0.9) * bh
+            and width <= 0.3 * bw
+            and not across_cols
+        )
         pieces.append((int(area[k]), top, bottom, left, right, edge))
     candidates = [k for k, p in enumerate(pieces) if not p[5]] or list(range(count))
     main = max(candidates, key=lambda k: pieces[k][0])
@@ -688,7 +707,7 @@ def _paste_centred(box: np.ndarray) -> np.ndarray:
     top = int(np.clip(round(CENTRE - cy), 0, MNIST_SIZE - h))
     left = int(np.clip(round(CENTRE - cx), 0, MNIST_SIZE - w))
     out = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
-    out[top:top + h, left:left + w] = box
+    out[top : top + h, left : left + w] = box
     return out
 
 
@@ -718,12 +737,12 @@ def _pipeline(gray: np.ndarray, stages: dict[str, np.ndarray] | None) -> np.ndar
     rows, cols = np.nonzero(digit > 0)
     if rows.size == 0:
         raise PreprocessError("no ink found: the image is blank")
-    crop = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     crop = _normalise_strokes(np.pad(crop, 1))
     rows, cols = np.nonzero(crop > 0.02)
     if rows.size == 0:
         raise PreprocessError("no ink found: the image is blank")
-    crop = crop[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = crop[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     keep("cropped", crop)
     box = _fit_box(crop)
     keep("scaled", box)

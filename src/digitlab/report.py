@@ -10,9 +10,11 @@ from .evaluation import Report
 
 def print_report(report: Report, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{report.model}[/] on {report.dataset} {report.split} ({report.count:,} images): "
-                  f"accuracy [bold]{report.accuracy:.2%}[/], loss {report.loss:.4f}, "
-                  f"calibration error (ECE) {report.ece:.4f}")
+    console.print(
+        f"[bold]{report.model}[/] on {report.dataset} {report.split} ({report.count:,} images): "
+        f"accuracy [bold]{report.accuracy:.2%}[/], loss {report.loss:.4f}, "
+        f"calibration error (ECE) {report.ece:.4f}"
+    )
     scores = Table(title="per class", title_justify="left")
     for column in ("class", "precision", "recall", "F1", "support"):
         scores.add_column(column, justify="right")
@@ -28,8 +30,11 @@ def print_report(report: Report, console: Console | None = None) -> None:
         confusion.add_row(report.class_names[i][:5], *cells)
     console.print(confusion)
     if report.mistakes:
-        worst = ", ".join(f"#{m['index']} {report.class_names[m['true']]}->{report.class_names[m['predicted']]} "
-                          f"({m['confidence']:.0%})" for m in report.mistakes[:5])
+        worst = ", ".join(
+            f"#{m['index']} {report.class_names[m['true']]}->{report.class_names[m['predicted']]} "
+            f"({m['confidence']:.0%})"
+            for m in report.mistakes[:5]
+        )
         console.print(f"most confident mistakes: {worst}")
     if report.selective:
         reject = Table(title="what --reject-below buys (calibrated confidence)", title_justify="left")

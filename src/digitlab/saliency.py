@@ -38,8 +38,14 @@ class Saliency:
     logits: np.ndarray  # (10,) float32 for the input itself
 
 
-def integrated_gradients(model: Any, x: np.ndarray, mean: float | None = None, std: float | None = None,
-                         steps: int = DEFAULT_STEPS, device: Any = "cpu") -> Saliency:
+def integrated_gradients(
+    model: Any,
+    x: np.ndarray,
+    mean: float | None = None,
+    std: float | None = None,
+    steps: int = DEFAULT_STEPS,
+    device: Any = "cpu",
+) -> Saliency:
     """Integrated gradients of logit[digit] - logit[runner-up] for one MNIST-like image (28, 28) in [0, 1].
 
     `model` is a torch module in eval mode taking normalised input (x - mean) / std of shape (N, 1, 28, 28);
@@ -67,8 +73,12 @@ def integrated_gradients(model: Any, x: np.ndarray, mean: float | None = None, s
         # autograd.grad, not backward(): nothing accumulates in the shared model's .grad
         (grads,) = torch.autograd.grad(margin, path)
     attribution = (pixels * grads.mean(dim=0, keepdim=True))[0, 0]
-    return Saliency(map=attribution.detach().cpu().numpy().astype(np.float32), digit=digit,
-                    runner_up=runner_up, logits=logits.cpu().numpy().astype(np.float32))
+    return Saliency(
+        map=attribution.detach().cpu().numpy().astype(np.float32),
+        digit=digit,
+        runner_up=runner_up,
+        logits=logits.cpu().numpy().astype(np.float32),
+    )
 
 
 def saliency_image(x: np.ndarray, result: Saliency, scale: int = 8) -> Image.Image:

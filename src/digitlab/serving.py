@@ -76,13 +76,17 @@ TEMPLATES = 12  # MLP "look inside": how many of the most active first-layer uni
 SALIENCY_STEPS = 32
 
 # The page loads nothing from elsewhere; its pictures are data: URLs (server answers) and blob: URLs (uploads).
-PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+)
 # /docs and /redoc: scripts only from here (Swagger UI's start-up script is a file, not inline); ReDoc and
 # Swagger UI set inline styles, ReDoc searches in a blob: worker. No other host for anything.
-DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
-            "worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+    "worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"  # built into ReDoc's bundle; replaced when served
 
 
@@ -123,8 +127,9 @@ class ImageBody(BaseModel):
     @classmethod
     def _is_text(cls, value: Any) -> Any:
         if not isinstance(value, str):
-            raise PydanticCustomError("image", '"image" must be a base64 string, got {kind}',
-                                      {"kind": type(value).__name__})
+            raise PydanticCustomError(
+                "image", '"image" must be a base64 string, got {kind}', {"kind": type(value).__name__}
+            )
         return value
 
 
@@ -133,8 +138,9 @@ class PixelsBody(BaseModel):
 
     pixels: list[float] | list[list[float]] = Field(
         description="784 numbers in [0, 1], row by row (or 28 rows of 28), white digit on black, MNIST-like "
-                    "(already centred): used as they are, no preprocessing",
-        json_schema_extra={"minItems": 28, "maxItems": PIXELS})
+        "(already centred): used as they are, no preprocessing",
+        json_schema_extra={"minItems": 28, "maxItems": PIXELS},
+    )
 
     @field_validator("pixels", mode="before")
     @classmethod
@@ -160,8 +166,9 @@ class ModelInfo(BaseModel):
     device: str = Field(examples=["cpu"])
     temperature: float = Field(description="softmax temperature applied to the logits (1.0: none)")
     calibrated: bool = Field(description="a fitted temperature is applied: confidences are calibrated")
-    reject_below: float | None = Field(description="answers below this confidence are marked rejected "
-                                                   "(serve --reject-below)")
+    reject_below: float | None = Field(
+        description="answers below this confidence are marked rejected (serve --reject-below)"
+    )
     digitlab_version: str
 
 
@@ -170,28 +177,37 @@ class Template(BaseModel):
 
     unit: int = Field(description="index in the first hidden layer")
     activation: float = Field(description="its activation (after ReLU) for this image")
-    weights: list[list[float]] = Field(description="its 784 input weights as 28x28: positive = ink there "
-                                                   "excites the unit, negative = ink there inhibits it")
+    weights: list[list[float]] = Field(
+        description="its 784 input weights as 28x28: positive = ink there "
+        "excites the unit, negative = ink there inhibits it"
+    )
 
 
 class Answer(BaseModel):
     """What the model read."""
 
     digit: int = Field(description="the most probable digit", examples=[7])
-    confidence: float = Field(description="its probability (calibrated when /api/model says so)",
-                              examples=[0.9983021616935730])
+    confidence: float = Field(
+        description="its probability (calibrated when /api/model says so)", examples=[0.9983021616935730]
+    )
     probabilities: list[float] = Field(description="10 probabilities, summing to 1, full float precision")
     rejected: bool = Field(description="confidence is below the server's --reject-below: not sure")
     preprocessed: str = Field(description="base64 PNG: the 28x28 grayscale image the model saw")
     activations: dict[str, Any] | None = Field(
-        None, description="explain=true: each layer's activations, 4 decimals (MLP: hidden1 [512], hidden2 "
-                          "[512], logits [10]; CNN: conv1 [8][14][14], conv2 and conv3 [8][7][7], logits)")
+        None,
+        description="explain=true: each layer's activations, 4 decimals (MLP: hidden1 [512], hidden2 "
+        "[512], logits [10]; CNN: conv1 [8][14][14], conv2 and conv3 [8][7][7], logits)",
+    )
     templates: list[Template] | None = Field(
-        None, description=f"explain=true, MLP only: the {TEMPLATES} most active first-layer units, most active "
-                          "first, with their input weights")
+        None,
+        description=f"explain=true, MLP only: the {TEMPLATES} most active first-layer units, most active "
+        "first, with their input weights",
+    )
     saliency: list[list[float]] | None = Field(
-        None, description="explain=true: 28x28, how much each pixel pushed the answer towards `digit` (> 0) "
-                          "and towards `runner_up` (< 0); integrated gradients, in logit units, 4 decimals")
+        None,
+        description="explain=true: 28x28, how much each pixel pushed the answer towards `digit` (> 0) "
+        "and towards `runner_up` (< 0); integrated gradients, in logit units, 4 decimals",
+    )
     runner_up: int | None = Field(None, description="explain=true: the second most probable digit")
 
 
@@ -204,9 +220,15 @@ class ErrorBody(BaseModel):
 # ----------------------------------------------------------------------------------------------------------
 
 # EXIF orientation -> the transpose that undoes it (as PIL.ImageOps.exif_transpose)
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
 
 
@@ -215,8 +237,10 @@ def reduce_in_stripes(image: Image.Image, factor: int, rows: int = 64) -> Image.
     premultiplied copy, which doubled the peak memory of a big PNG; a stripe's copy is small. The stripes
     are whole multiples of `factor` rows, so the result is the same as one reduce."""
     width, height = image.size
-    parts = [image.crop((0, top, width, min(height, top + factor * rows))).reduce(factor)
-             for top in range(0, height, factor * rows)]
+    parts = [
+        image.crop((0, top, width, min(height, top + factor * rows))).reduce(factor)
+        for top in range(0, height, factor * rows)
+    ]
     out = Image.new(parts[0].mode, (parts[0].width, sum(part.height for part in parts)))
     top = 0
     for part in parts:
@@ -228,8 +252,9 @@ def reduce_in_stripes(image: Image.Image, factor: int, rows: int = 64) -> Image.
 class InferenceService:
     """The one loaded Predictor behind the API; call its methods from a worker thread, never the event loop."""
 
-    def __init__(self, predictor: Any, reject_below: float | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self, predictor: Any, reject_below: float | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ):
         self.predictor = predictor
         self.reject_below = reject_below
         self.max_image_pixels = max_image_pixels
@@ -263,23 +288,32 @@ class InferenceService:
             except DigitlabError as exc:
                 raise InputError(400, str(exc)) from None
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise InputError(400, f"{name}: corrupt or unsupported image data ({exc.__class__.__name__})") \
-                    from None
+                raise InputError(400, f"{name}: corrupt or unsupported image data ({exc.__class__.__name__})") from None
         try:
             if image.format == "JPEG":
                 image.draft(None, (WORK_SIZE, WORK_SIZE))  # DCT scaling: the full size is never decoded
             width, height = image.size
             if width * height > self.max_image_pixels:
-                raise InputError(413, f"{name}: image too large to decode: {width}x{height} is "
-                                      f"{width * height / 1e6:.1f} megapixels, this server decodes at most "
-                                      f"{self.max_image_pixels / 1e6:g} (send it smaller)")
+                raise InputError(
+                    413,
+                    f"{name}: image too large to decode: {width}x{height} is "
+                    f"{width * height / 1e6:.1f} megapixels, this server decodes at most "
+                    f"{self.max_image_pixels / 1e6:g} (send it smaller)",
+                )
             image.seek(0)  # GIF, multi-page TIFF: the first frame. Before anything is decoded: seeking a
             # decoded PNG decodes it again while the first copy is still held (measured: 4x the pixels)
             orientation = image.getexif().get(0x0112)  # a PNG's EXIF may follow its pixels: this decodes
             image.load()
             if image.mode not in REDUCIBLE_MODES:
-                image = image.convert("RGBA" if image.mode in ("P", "PA") else "L" if image.mode == "1"
-                                      else "I" if image.mode.startswith("I;16") else "RGB")
+                image = image.convert(
+                    "RGBA"
+                    if image.mode in ("P", "PA")
+                    else "L"
+                    if image.mode == "1"
+                    else "I"
+                    if image.mode.startswith("I;16")
+                    else "RGB"
+                )
             factor = max(image.size) // WORK_SIZE
             if factor >= 2:
                 image = reduce_in_stripes(image, factor)  # to >= WORK_SIZE; preprocessing resizes from there
@@ -325,9 +359,14 @@ class InferenceService:
             probabilities = np.asarray(self.predictor.predict_arrays(x[None]), dtype=np.float64)[0]
         digit = int(np.argmax(probabilities))
         confidence = float(probabilities[digit])
-        return Answer(digit=digit, confidence=confidence, probabilities=[float(p) for p in probabilities],
-                      rejected=self.reject_below is not None and confidence < self.reject_below,
-                      preprocessed=png_base64(x), **extra)
+        return Answer(
+            digit=digit,
+            confidence=confidence,
+            probabilities=[float(p) for p in probabilities],
+            rejected=self.reject_below is not None and confidence < self.reject_below,
+            preprocessed=png_base64(x),
+            **extra,
+        )
 
     def _activations(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Each layer's activations for one (28, 28) image in [0, 1] used as it is, logits included.
@@ -346,15 +385,27 @@ class InferenceService:
         if self._templates is None:
             import torch
 
-            first = next((m for m in self.predictor.model.modules()
-                          if isinstance(m, torch.nn.Linear) and m.in_features == PIXELS), None)
+            first = next(
+                (
+                    m
+                    for m in self.predictor.model.modules()
+                    if isinstance(m, torch.nn.Linear) and m.in_features == PIXELS
+                ),
+                None,
+            )
             if first is None:
                 return []
             self._templates = first.weight.detach().float().cpu().numpy().reshape(-1, 28, 28)
         order = np.argsort(-hidden1)[:TEMPLATES]
-        return [Template(unit=int(k), activation=round(float(hidden1[k]), 4),
-                         weights=np.round(self._templates[k].astype(np.float64), 3).tolist())
-                for k in order if hidden1[k] > 0]
+        return [
+            Template(
+                unit=int(k),
+                activation=round(float(hidden1[k]), 4),
+                weights=np.round(self._templates[k].astype(np.float64), 3).tolist(),
+            )
+            for k in order
+            if hidden1[k] > 0
+        ]
 
     def model_summary(self) -> ModelInfo:
         from .models import MODELS, count_parameters
@@ -496,7 +547,7 @@ def host_of(value: str) -> str:
     """The host part of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -520,9 +571,11 @@ class GuardMiddleware:
             host = host_of(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
             if host not in self.allowed:
                 shown = host or "(none)"
-                await error_response(400, f"Host {shown!r} is not allowed: this server answers to "
-                                          f"{', '.join(sorted(self.allowed))} (serve --allowed-host)"
-                                     )(scope, receive, send)
+                await error_response(
+                    400,
+                    f"Host {shown!r} is not allowed: this server answers to "
+                    f"{', '.join(sorted(self.allowed))} (serve --allowed-host)",
+                )(scope, receive, send)
                 return
         if scope["method"] != "HEAD":
             await self.app(scope, receive, send)
@@ -564,8 +617,9 @@ class BodyLimitMiddleware:
                 await error_response(400, "invalid Content-Length header")(scope, receive, send)
                 return
             if length > self.max_bytes:
-                await error_response(413, BodyTooLarge(self.max_bytes).message,
-                                     {"Connection": "close"})(scope, receive, send)
+                await error_response(413, BodyTooLarge(self.max_bytes).message, {"Connection": "close"})(
+                    scope, receive, send
+                )
                 return
 
         received = 0
@@ -639,26 +693,41 @@ class SecurityHeadersMiddleware:
 
 
 def _error_doc(description: str, example: str) -> dict[str, Any]:
-    return {"model": ErrorBody, "description": description,
-            "content": {"application/json": {"example": {"error": example}}}}
+    return {
+        "model": ErrorBody,
+        "description": description,
+        "content": {"application/json": {"example": {"error": example}}},
+    }
 
 
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_doc("not an image, corrupt image, bad base64, invalid JSON (also: nesting too deep, a number "
-                    "too long), disallowed Host", "file 'x.png': not an image (unrecognised format, 16 bytes)"),
-    408: _error_doc("the body did not arrive within the body timeout (default 60 s)",
-                    "request body not received within 60 s"),
-    413: _error_doc("body over the limit (default 5 MB), or an image too large to decode",
-                    "request body too large: the limit is 5000000 bytes"),
-    415: _error_doc("Content-Type is neither multipart/form-data nor application/json",
-                    "Content-Type text/plain is not supported: send multipart/form-data (image in field "
-                    "\"file\") or application/json"),
-    422: _error_doc("blank image, wrong pixel count or range, missing field, bad explain value",
-                    "file 'black.png': no ink found"),
+    400: _error_doc(
+        "not an image, corrupt image, bad base64, invalid JSON (also: nesting too deep, a number "
+        "too long), disallowed Host",
+        "file 'x.png': not an image (unrecognised format, 16 bytes)",
+    ),
+    408: _error_doc(
+        "the body did not arrive within the body timeout (default 60 s)", "request body not received within 60 s"
+    ),
+    413: _error_doc(
+        "body over the limit (default 5 MB), or an image too large to decode",
+        "request body too large: the limit is 5000000 bytes",
+    ),
+    415: _error_doc(
+        "Content-Type is neither multipart/form-data nor application/json",
+        "Content-Type text/plain is not supported: send multipart/form-data (image in field "
+        '"file") or application/json',
+    ),
+    422: _error_doc(
+        "blank image, wrong pixel count or range, missing field, bad explain value", "file 'black.png': no ink found"
+    ),
 }
 GET_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_doc("disallowed Host header", "Host 'evil.example' is not allowed: this server answers to "
-                                              "127.0.0.1, ::1, localhost (serve --allowed-host)")}
+    400: _error_doc(
+        "disallowed Host header",
+        "Host 'evil.example' is not allowed: this server answers to 127.0.0.1, ::1, localhost (serve --allowed-host)",
+    )
+}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -667,13 +736,27 @@ def _ref(name: str) -> dict[str, str]:
 
 def predict_body_doc() -> dict[str, Any]:
     """The request body of POST /api/predict for OpenAPI: multipart, or JSON as one of the two models."""
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": "PNG, JPEG, GIF, BMP or WebP image of one digit"}}}},
-        "application/json": {"schema": {"oneOf": [_ref("ImageBody"), _ref("PixelsBody")]}},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "PNG, JPEG, GIF, BMP or WebP image of one digit",
+                            }
+                        },
+                    }
+                },
+                "application/json": {"schema": {"oneOf": [_ref("ImageBody"), _ref("PixelsBody")]}},
+            },
+        }
+    }
 
 
 def add_request_schemas(app: FastAPI) -> None:
@@ -683,8 +766,7 @@ def add_request_schemas(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = get_openapi(title=app.title, version=app.version, description=app.description,
-                               routes=app.routes)
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             for model in (ImageBody, PixelsBody):
                 schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -700,8 +782,10 @@ def validate_origins(origins: Iterable[str]) -> list[str]:
     for origin in origins:
         scheme, sep, rest = origin.partition("://")
         if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
-            raise ServeError(f"--cors-origin {origin!r}: expected an origin like https://example.org "
-                             "(scheme and host, no path), or *")
+            raise ServeError(
+                f"--cors-origin {origin!r}: expected an origin like https://example.org "
+                "(scheme and host, no path), or *"
+            )
         checked.append(origin)
     return checked
 
@@ -714,13 +798,16 @@ def docs_pages(app: FastAPI) -> None:
         return HTMLResponse(
             '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>digitlab API</title>'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<link rel="icon" href="/docs-static/favicon.png">{head}</head><body>{body}</body></html>')
+            f'<link rel="icon" href="/docs-static/favicon.png">{head}</head><body>{body}</body></html>'
+        )
 
     @app.get("/docs", include_in_schema=False)
     async def swagger() -> HTMLResponse:
-        return page('<link rel="stylesheet" href="/docs-static/swagger-ui.css">',
-                    '<div id="swagger-ui"></div><script src="/docs-static/swagger-ui-bundle.js"></script>'
-                    '<script src="/static/swagger-init.js"></script>')
+        return page(
+            '<link rel="stylesheet" href="/docs-static/swagger-ui.css">',
+            '<div id="swagger-ui"></div><script src="/docs-static/swagger-ui-bundle.js"></script>'
+            '<script src="/static/swagger-init.js"></script>',
+        )
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     async def swagger_redirect() -> HTMLResponse:
@@ -728,29 +815,40 @@ def docs_pages(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return page("<style>body { margin: 0; }</style>",
-                    '<redoc spec-url="/openapi.json"></redoc><script src="/docs-static/redoc.standalone.js"></script>')
+        return page(
+            "<style>body { margin: 0; }</style>",
+            '<redoc spec-url="/openapi.json"></redoc><script src="/docs-static/redoc.standalone.js"></script>',
+        )
 
     @app.get("/docs-static/redoc.standalone.js", include_in_schema=False)
     async def redoc_bundle() -> Response:
         # ReDoc shows a logo from cdn.redoc.ly; "data:," is no image, so ReDoc hides it, and nothing leaves.
         if not redoc_js:
             redoc_js.append((DOCS_STATIC_DIR / "redoc.standalone.js").read_bytes().replace(REDOC_LOGO, b"data:,"))
-        return Response(redoc_js[0], media_type="text/javascript",
-                        headers={"cache-control": "public, max-age=3600"})
+        return Response(redoc_js[0], media_type="text/javascript", headers={"cache-control": "public, max-age=3600"})
 
     app.mount("/docs-static", StaticFiles(directory=DOCS_STATIC_DIR), name="docs-static")
 
 
-def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Iterable[str] = (),
-               reject_below: float | None = None, allowed_hosts: Iterable[str] | None = None,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_decodes: int = DEFAULT_MAX_DECODES,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+def create_app(
+    predictor: Any,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    cors_origins: Iterable[str] = (),
+    reject_below: float | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_decodes: int = DEFAULT_MAX_DECODES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+) -> FastAPI:
     """The FastAPI app over one loaded Predictor (testable without a server). It loads nothing and runs no
     model: whoever built the Predictor loaded it. allowed_hosts None: any Host header (serve() passes this
     machine's names for a loopback bind)."""
-    for name, value in [("max_body_bytes", max_body_bytes), ("max_image_pixels", max_image_pixels),
-                        ("max_decodes", max_decodes), ("body_timeout", body_timeout)]:
+    for name, value in [
+        ("max_body_bytes", max_body_bytes),
+        ("max_image_pixels", max_image_pixels),
+        ("max_decodes", max_decodes),
+        ("body_timeout", body_timeout),
+    ]:
         if value <= 0:
             raise ServeError(f"{name} must be positive, got {value}")
     if reject_below is not None and not 0.0 <= reject_below <= 1.0:
@@ -761,9 +859,14 @@ def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cor
     decodes = anyio.CapacityLimiter(max_decodes)  # decoding is where the memory goes
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
-    app = FastAPI(title="digitlab", version=__version__, docs_url=None, redoc_url=None,
-                  description="Read handwritten digits with a digitlab checkpoint. The drawing page is at /. "
-                              "Every error is `{\"error\": \"...\"}`.")
+    app = FastAPI(
+        title="digitlab",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="Read handwritten digits with a digitlab checkpoint. The drawing page is at /. "
+        'Every error is `{"error": "..."}`.',
+    )
     app.state.service = service
     add_request_schemas(app)
 
@@ -792,20 +895,36 @@ def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cor
     async def page() -> HTMLResponse:
         return HTMLResponse(index_html)
 
-    @app.get("/healthz", summary="Liveness: the process is up and its model is loaded", response_model=Health,
-             responses=GET_RESPONSES)
+    @app.get(
+        "/healthz",
+        summary="Liveness: the process is up and its model is loaded",
+        response_model=Health,
+        responses=GET_RESPONSES,
+    )
     async def healthz() -> Health:
         return Health(status="ok", model=predictor.info.model)
 
-    @app.get("/api/model", summary="The served model: name, parameters, accuracy, calibration",
-             response_model=ModelInfo, responses=GET_RESPONSES)
+    @app.get(
+        "/api/model",
+        summary="The served model: name, parameters, accuracy, calibration",
+        response_model=ModelInfo,
+        responses=GET_RESPONSES,
+    )
     async def model_info() -> ModelInfo:
         return service.model_summary()
 
-    @app.post("/api/predict", summary="Read one digit", openapi_extra=predict_body_doc(),
-              response_model=Answer, response_model_exclude_none=True, responses=PREDICT_RESPONSES)
-    async def predict(request: Request, explain: bool = Query(
-            False, description="add activations, MLP templates and the saliency map")) -> JSONResponse:
+    @app.post(
+        "/api/predict",
+        summary="Read one digit",
+        openapi_extra=predict_body_doc(),
+        response_model=Answer,
+        response_model_exclude_none=True,
+        responses=PREDICT_RESPONSES,
+    )
+    async def predict(
+        request: Request,
+        explain: bool = Query(False, description="add activations, MLP templates and the saliency map"),
+    ) -> JSONResponse:
         kind = media_type(request)
         if kind == "multipart/form-data":
             data, name = await read_upload(request)
@@ -814,15 +933,17 @@ def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cor
             body = await read_json(request)
             if isinstance(body, ImageBody):
                 data = decode_base64_image(body.image)
-                answer = await to_thread.run_sync(service.predict_bytes, data, explain, '"image"',
-                                                  limiter=decodes)
+                answer = await to_thread.run_sync(service.predict_bytes, data, explain, '"image"', limiter=decodes)
             else:
                 pixels = check_pixels(body.pixels)
                 answer = await to_thread.run_sync(service.predict_pixels, pixels, explain)
         else:
             shown = kind or "none"
-            raise InputError(415, f"Content-Type {shown} is not supported: send multipart/form-data "
-                                  '(image in field "file") or application/json')
+            raise InputError(
+                415,
+                f"Content-Type {shown} is not supported: send multipart/form-data "
+                '(image in field "file") or application/json',
+            )
         # Serialised here, without FastAPI validating the 784 saliency values again on the way out.
         return JSONResponse(answer.model_dump(exclude_none=True))
 
@@ -834,8 +955,13 @@ def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cor
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout=body_timeout)
     app.add_middleware(SecurityHeadersMiddleware)
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
-                           allow_headers=["Content-Type"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Content-Type"],
+            max_age=600,
+        )
     app.add_middleware(GuardMiddleware, allowed_hosts=hosts)
     return app
 
@@ -844,11 +970,14 @@ def create_app(predictor: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cor
 # Running it: uvicorn with a header timeout and a connection cap
 # ----------------------------------------------------------------------------------------------------------
 
+
 def raw_response(status: str, message: str) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection, for the protocol level (no app there)."""
     body = json.dumps({"error": message}).encode()
-    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 HEADERS_TOO_SLOW = raw_response("408 Request Timeout", "request headers not received in time")
@@ -901,25 +1030,46 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def protocol_class(header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
-    return type("DigitlabH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout": header_timeout, "max_connections": max_connections})
+    return type(
+        "DigitlabH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout": header_timeout, "max_connections": max_connections},
+    )
 
 
-def uvicorn_config(app: ASGIApp, host: str, port: int, log_level: str = "info",
-                   header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                   keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT,
-                   max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Any:
+def uvicorn_config(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> Any:
     """The uvicorn.Config `serve` runs (tests run the same one)."""
     import uvicorn
 
-    for name, value in [("header_timeout", header_timeout), ("keep_alive_timeout", keep_alive_timeout),
-                        ("max_connections", max_connections)]:
+    for name, value in [
+        ("header_timeout", header_timeout),
+        ("keep_alive_timeout", keep_alive_timeout),
+        ("max_connections", max_connections),
+    ]:
         if value <= 0:
             raise ServeError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                          server_header=False, http=protocol_class(header_timeout, max_connections),
-                          timeout_keep_alive=keep_alive_timeout, limit_concurrency=max_connections + 10,
-                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws="none", lifespan="off")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        http=protocol_class(header_timeout, max_connections),
+        timeout_keep_alive=keep_alive_timeout,
+        limit_concurrency=max_connections + 10,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        ws="none",
+        lifespan="off",
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -964,13 +1114,23 @@ def url_for(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(checkpoint: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
-          cors_origins: Iterable[str] = (), device: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-          reject_below: float | None = None, allowed_hosts: Iterable[str] | None = None,
-          max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_decodes: int = DEFAULT_MAX_DECODES,
-          header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-          keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+def serve(
+    checkpoint: str | Path | Sequence[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cors_origins: Iterable[str] = (),
+    device: str = "auto",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log_level: str = "info",
+    reject_below: float | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_decodes: int = DEFAULT_MAX_DECODES,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> None:
     """Load the checkpoint once, then serve the page and the API with uvicorn until interrupted.
 
     allowed_hosts None: this machine's names on a loopback bind, any Host otherwise; ["*"]: any.
@@ -983,18 +1143,37 @@ def serve(checkpoint: str | Path | Sequence[str | Path], host: str = "127.0.0.1"
     try:
         paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
         predictor = Predictor.from_checkpoints(paths, device=device)  # several: an ensemble
-        app = create_app(predictor, max_body_bytes=max_body_bytes, cors_origins=origins,
-                         reject_below=reject_below, allowed_hosts=hosts, max_image_pixels=max_image_pixels,
-                         max_decodes=max_decodes, body_timeout=body_timeout)
-        config = uvicorn_config(app, host, sock.getsockname()[1], log_level=log_level,
-                                header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
-                                max_connections=max_connections)
+        app = create_app(
+            predictor,
+            max_body_bytes=max_body_bytes,
+            cors_origins=origins,
+            reject_below=reject_below,
+            allowed_hosts=hosts,
+            max_image_pixels=max_image_pixels,
+            max_decodes=max_decodes,
+            body_timeout=body_timeout,
+        )
+        config = uvicorn_config(
+            app,
+            host,
+            sock.getsockname()[1],
+            log_level=log_level,
+            header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
+            max_connections=max_connections,
+        )
         if not is_loopback(host):
-            print(f"digitlab: warning: listening on {host}, reachable from other machines; the API has no "
-                  "authentication", file=sys.stderr, flush=True)
+            print(
+                f"digitlab: warning: listening on {host}, reachable from other machines; the API has no authentication",
+                file=sys.stderr,
+                flush=True,
+            )
         what = predictor.info.model if len(paths) == 1 else f"an ensemble of {len(paths)} models"
-        print(f"digitlab: serving {what} from {', '.join(map(str, paths))} on "
-              f"{url_for(host, sock.getsockname()[1])} (Ctrl+C to stop)", flush=True)
+        print(
+            f"digitlab: serving {what} from {', '.join(map(str, paths))} on "
+            f"{url_for(host, sock.getsockname()[1])} (Ctrl+C to stop)",
+            flush=True,
+        )
         import uvicorn
 
         uvicorn.Server(config).run(sockets=[sock])

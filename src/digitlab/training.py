@@ -34,7 +34,6 @@ from .models import MODELS, build_model, count_parameters
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
 
 
-
 class ConfigError(DigitlabError, ValueError):
     """A training option with a bad value."""
 
@@ -67,31 +66,69 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # 2 epochs of OneCycle Adam reach ~98.2% test accuracy; label smoothing is worth ~0.3 points here.
-    "mlp": Recipe("mlp", epochs=2, batch_size=256, lr=5e-3, optimizer="adamw", schedule="onecycle",
-                  weight_decay=0.0, augment=False, label_smoothing=0.1,
-                  summary="the tutorial's network: ~98.1% in ~4 s"),
+    "mlp": Recipe(
+        "mlp",
+        epochs=2,
+        batch_size=256,
+        lr=5e-3,
+        optimizer="adamw",
+        schedule="onecycle",
+        weight_decay=0.0,
+        augment=False,
+        label_smoothing=0.1,
+        summary="the tutorial's network: ~98.1% in ~4 s",
+    ),
     # The default CNN: the handwriting augmentation (augment.py) for people's digits, not only MNIST's.
-    "cnn": Recipe("cnn", epochs=16, batch_size=256, lr=4e-3, optimizer="adamw", schedule="onecycle",
-                  weight_decay=5e-4, augment=True, label_smoothing=0.1,
-                  summary="the default CNN: ~99.5% on MNIST, reads other handwriting best; ~90 s"),
+    "cnn": Recipe(
+        "cnn",
+        epochs=16,
+        batch_size=256,
+        lr=4e-3,
+        optimizer="adamw",
+        schedule="onecycle",
+        weight_decay=5e-4,
+        augment=True,
+        label_smoothing=0.1,
+        summary="the default CNN: ~99.5% on MNIST, reads other handwriting best; ~90 s",
+    ),
     # Chosen by mean validation accuracy over 3 seeds (benchmarks/recipe_sweep.py).
-    "quick": Recipe("cnn", epochs=2, batch_size=128, lr=1.2e-2, optimizer="adamw", schedule="onecycle",
-                    weight_decay=5e-4, augment=False, label_smoothing=0.1,
-                    summary="the CNN in seconds: ~99.3% in ~10 s"),
+    "quick": Recipe(
+        "cnn",
+        epochs=2,
+        batch_size=128,
+        lr=1.2e-2,
+        optimizer="adamw",
+        schedule="onecycle",
+        weight_decay=5e-4,
+        augment=False,
+        label_smoothing=0.1,
+        summary="the CNN in seconds: ~99.3% in ~10 s",
+    ),
     # A wider, deeper CNN (2 convs per resolution, 32-64-128 channels) for top MNIST accuracy.
-    "best": Recipe("cnn", epochs=30, batch_size=128, lr=4e-3, optimizer="adamw", schedule="onecycle",
-                   weight_decay=5e-4, augment=True, label_smoothing=0.1,
-                   model_config={"channels": [32, 64, 128], "convs_per_stage": 2},
-                   summary="top accuracy: a wider, deeper CNN, 30 epochs; ~15 min"),
+    "best": Recipe(
+        "cnn",
+        epochs=30,
+        batch_size=128,
+        lr=4e-3,
+        optimizer="adamw",
+        schedule="onecycle",
+        weight_decay=5e-4,
+        augment=True,
+        label_smoothing=0.1,
+        model_config={"channels": [32, 64, 128], "convs_per_stage": 2},
+        summary="top accuracy: a wider, deeper CNN, 30 epochs; ~15 min",
+    ),
 }
 DEFAULT_RECIPES = {"mlp": "mlp", "cnn": "cnn"}  # the recipe a model trains with when none is named
 
 
 def describe_recipes() -> list[str]:
     """One line per recipe: name, model, settings and what it measured."""
-    return [f"{name:<6} --model {r.model}: {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g}, "
-            f"{r.schedule}, {'augmented' if r.augment else 'no augmentation'}. {r.summary}"
-            for name, r in RECIPES.items()]
+    return [
+        f"{name:<6} --model {r.model}: {r.epochs} epochs, batch {r.batch_size}, {r.optimizer} lr {r.lr:g}, "
+        f"{r.schedule}, {'augmented' if r.augment else 'no augmentation'}. {r.summary}"
+        for name, r in RECIPES.items()
+    ]
 
 
 @dataclass
@@ -123,7 +160,7 @@ class TrainConfig:
     target_accuracy: float | None = None
     tensorboard: str | None = None  # also write each epoch's metrics as TensorBoard scalars into this dir
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with recipe defaults filled in and every value checked."""
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ConfigError(f"--recipe {self.recipe!r}: expected one of {', '.join(RECIPES)}")
@@ -132,8 +169,10 @@ class TrainConfig:
         name = self.recipe or DEFAULT_RECIPES.get(self.model or "mlp", self.model or "mlp")
         recipe = RECIPES[name]
         if self.model is not None and self.model != recipe.model:
-            raise ConfigError(f"--recipe {name} trains a {recipe.model}, not a {self.model}: drop --model "
-                              f"or give --model {recipe.model}")
+            raise ConfigError(
+                f"--recipe {name} trains a {recipe.model}, not a {self.model}: drop --model "
+                f"or give --model {recipe.model}"
+            )
         settings = {k: v for k, v in asdict(recipe).items() if k in {f.name for f in fields(self)}}
         filled = replace(self, **{k: v for k, v in settings.items() if getattr(self, k) is None})
         filled = replace(filled, recipe=name, model=recipe.model)
@@ -150,8 +189,10 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing}: must be in [0, 1)"),
             (self.val_size >= 0, f"--val-size {self.val_size}: must be >= 0"),
-            (self.target_accuracy is None or 0 < self.target_accuracy <= 1,
-             f"--target-accuracy {self.target_accuracy}: must be a fraction in (0, 1], e.g. 0.99"),
+            (
+                self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+                f"--target-accuracy {self.target_accuracy}: must be a fraction in (0, 1], e.g. 0.99",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,7 +202,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, raw: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -197,9 +238,15 @@ class Run:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: Optimizer | torch.optim.Optimizer,
-               label_smoothing: float, amp_dtype: torch.dtype | None,
-               scaler: torch.amp.GradScaler | None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: Optimizer | torch.optim.Optimizer,
+    label_smoothing: float,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, update: the tutorial's step. Returns (loss, number correct) as tensors."""
     with autocast(x.device, amp_dtype):
         logits = model(x)  # (B, 10)
@@ -284,8 +331,20 @@ def default_out_dir(model: str) -> Path:
 
 # The files a run writes into its dir (and `evaluate` beside its checkpoint): their presence marks a run dir,
 # and --overwrite removes them.
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "confusion.png", "mistakes.png",
-             "best.safetensors", "best.json", "best.state.pt", "last.safetensors", "last.json", "last.state.pt")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "confusion.png",
+    "mistakes.png",
+    "best.safetensors",
+    "best.json",
+    "best.state.pt",
+    "last.safetensors",
+    "last.json",
+    "last.state.pt",
+)
 # What --resume may change: where the run trains, where its data is, how loudly. (--epochs: see resume_conflicts.)
 RESUME_MAY_CHANGE = ("resume", "device", "data", "quiet", "tensorboard")
 
@@ -315,8 +374,9 @@ def resume_conflicts(run_dir: Path, saved: TrainConfig, given: dict[str, Any]) -
                 conflicts.append("--overwrite")
         elif name == "epochs":
             if value != saved.epochs and saved.schedule != "none":
-                conflicts.append(f"--epochs {value} (its {saved.schedule} schedule is planned over "
-                                 f"{saved.epochs} epochs)")
+                conflicts.append(
+                    f"--epochs {value} (its {saved.schedule} schedule is planned over {saved.epochs} epochs)"
+                )
         elif value != getattr(saved, name, None):
             conflicts.append(_as_option(name, value))
     return conflicts
@@ -346,7 +406,8 @@ def check_resume_options(run_dir: str | Path, given: dict[str, Any]) -> None:
     if conflicts:
         raise ConfigError(
             f"--resume {run_dir}: {', '.join(conflicts)}: a resumed run keeps the settings in its config.json "
-            f"(only --device, --data, --quiet, --tensorboard and, without a schedule, --epochs may be given)")
+            f"(only --device, --data, --quiet, --tensorboard and, without a schedule, --epochs may be given)"
+        )
 
 
 @dataclass
@@ -381,21 +442,30 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_saved(cls, raw: dict[str, Any]) -> "TrainState":
+    def from_saved(cls, raw: dict[str, Any]) -> TrainState:
         totals = raw.get("totals")
         if isinstance(totals, dict):
             totals = EpochTotals(*(float(totals[k]) for k in ("loss_sum", "correct", "seen")))
         else:  # written before the totals had names: [loss * n, correct, n]
             totals = EpochTotals(*(float(v) for v in raw["epoch_sums"]))
-        return cls(epoch=int(raw["epoch"]), step_in_epoch=int(raw["step_in_epoch"]), totals=totals,
-                   epoch_seconds=float(raw.get("epoch_seconds", 0.0)), history=list(raw["history"]),
-                   best_val_accuracy=float(raw["best_val_accuracy"]), best_epoch=int(raw["best_epoch"]))
+        return cls(
+            epoch=int(raw["epoch"]),
+            step_in_epoch=int(raw["step_in_epoch"]),
+            totals=totals,
+            epoch_seconds=float(raw.get("epoch_seconds", 0.0)),
+            history=list(raw["history"]),
+            best_val_accuracy=float(raw["best_val_accuracy"]),
+            best_epoch=int(raw["best_epoch"]),
+        )
 
 
 def _state_attribute(name: str) -> property:
     """Trainer.<name> reads and writes Trainer.state.<name>."""
-    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value),
-                    doc=f"Trainer.state.{name}")
+    return property(
+        lambda self: getattr(self.state, name),
+        lambda self, value: setattr(self.state, name, value),
+        doc=f"Trainer.state.{name}",
+    )
 
 
 class Trainer:
@@ -441,14 +511,24 @@ class Trainer:
     def _config_for_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         raw, saved = read_run_config(run_dir)
         defaults = TrainConfig()
-        given = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)
-                 if getattr(cfg, f.name) != getattr(defaults, f.name)}
+        given = {
+            f.name: getattr(cfg, f.name)
+            for f in fields(TrainConfig)
+            if getattr(cfg, f.name) != getattr(defaults, f.name)
+        }
         check_resume_options(run_dir, given)
         # The run continues with its own settings; only where it runs and how loudly may change (and --epochs
         # of a run without a schedule).
-        return replace(saved, out=str(run_dir), resume=str(run_dir), device=cfg.device, quiet=cfg.quiet,
-                       data=cfg.data or raw.get("data"), epochs=cfg.epochs or saved.epochs,
-                       tensorboard=cfg.tensorboard or saved.tensorboard)
+        return replace(
+            saved,
+            out=str(run_dir),
+            resume=str(run_dir),
+            device=cfg.device,
+            quiet=cfg.quiet,
+            data=cfg.data or raw.get("data"),
+            epochs=cfg.epochs or saved.epochs,
+            tensorboard=cfg.tensorboard or saved.tensorboard,
+        )
 
     def _check_out_dir(self) -> None:
         """A new run must not land on an existing one unless --overwrite says so."""
@@ -458,8 +538,10 @@ class Trainer:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found and not self.cfg.overwrite:
             shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-            raise ConfigError(f"--out {out}: already holds a training run ({shown}); pass --overwrite to replace "
-                              f"it, or --resume {out} to continue it")
+            raise ConfigError(
+                f"--out {out}: already holds a training run ({shown}); pass --overwrite to replace "
+                f"it, or --resume {out} to continue it"
+            )
 
     def log(self, message: str) -> None:
         if self.console is not None:
@@ -474,10 +556,20 @@ class Trainer:
         self.dataset = data.load(cfg.data, cfg.dataset)
         spec = self.dataset.spec
         (train_x, train_y), (val_x, val_y) = data.split_train_val(
-            self.dataset.train_images, self.dataset.train_labels, cfg.val_size, cfg.seed)
-        self.loader = data.BatchLoader(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                       mean=spec.mean, std=spec.std, device=self.device,
-                                       rank=self.ctx.rank, world_size=self.ctx.world_size)
+            self.dataset.train_images, self.dataset.train_labels, cfg.val_size, cfg.seed
+        )
+        self.loader = data.BatchLoader(
+            train_x,
+            train_y,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            mean=spec.mean,
+            std=spec.std,
+            device=self.device,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
         self.val = (val_x, val_y)
         model = build_model(cfg.model, {**(cfg.model_config or {}), "num_classes": len(spec.class_names)})
         model = model.to(self.device)
@@ -487,7 +579,8 @@ class Trainer:
         self.net = model
         if self.ctx.enabled:
             self.net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
         self.scheduler = make_schedule(cfg.schedule, self.optimizer, cfg.lr, cfg.epochs * len(self.loader))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -518,7 +611,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise checkpoint.CheckpointError(
                 f"{self.out / 'last.state.pt'}: optimizer state does not fit this run "
-                f"({exc.__class__.__name__}: {exc}); it was written by another digitlab version") from None
+                f"({exc.__class__.__name__}: {exc}); it was written by another digitlab version"
+            ) from None
         try:
             if self.scaler is not None and state.get("scaler") is not None:
                 self.scaler.load_state_dict(state["scaler"])
@@ -527,20 +621,23 @@ class Trainer:
             self.state = TrainState.from_saved(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise checkpoint.CheckpointError(
-                f"{self.out / 'last.state.pt'}: incomplete resume state ({exc.__class__.__name__}: {exc})") from None
+                f"{self.out / 'last.state.pt'}: incomplete resume state ({exc.__class__.__name__}: {exc})"
+            ) from None
         s = self.state
         if info.epoch != len(s.history):  # for checkpoints written before sidecars recorded SHA-256s
             raise checkpoint.CheckpointError(
                 f"{self.out / 'last.json'}: epoch {info.epoch} does not match its resume state "
-                f"({len(s.history)} epochs): the checkpoint is inconsistent")
+                f"({len(s.history)} epochs): the checkpoint is inconsistent"
+            )
         if s.epoch > self.cfg.epochs:
             raise ConfigError(f"--epochs {self.cfg.epochs}: the run in {self.out} has already done {s.epoch} epochs")
         self._restore_best()
         if self.ctx.is_main:
             checkpoint.remove_stale_temp_files(*(self.out / name for name in RUN_FILES))
             # Roll metrics.jsonl back to the checkpoint: lines of epochs after it (written before a kill) go.
-            atomic_write_bytes(self.out / "metrics.jsonl",
-                                    "".join(json.dumps(record) + "\n" for record in s.history).encode())
+            atomic_write_bytes(
+                self.out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in s.history).encode()
+            )
             if read_run_config(self.out)[1].epochs != self.cfg.epochs:
                 self._write_config()  # --epochs extended (or shortened) the run
         self.log(f"resuming {self.out} at epoch {s.epoch + 1}, step {s.step_in_epoch}")
@@ -567,9 +664,17 @@ class Trainer:
     def _info(self, epoch: int, metrics: dict[str, Any]) -> checkpoint.CheckpointInfo:
         spec = self.dataset.spec
         return checkpoint.CheckpointInfo(
-            model=self.cfg.model, model_config={}, mean=spec.mean, std=spec.std,
-            class_names=list(spec.class_names), dataset=spec.name, dataset_md5=dict(self.dataset.md5),
-            epoch=epoch, metrics=metrics, train_config=self.cfg.to_json())
+            model=self.cfg.model,
+            model_config={},
+            mean=spec.mean,
+            std=spec.std,
+            class_names=list(spec.class_names),
+            dataset=spec.name,
+            dataset_md5=dict(self.dataset.md5),
+            epoch=epoch,
+            metrics=metrics,
+            train_config=self.cfg.to_json(),
+        )
 
     def _gather_generator_states(self) -> list[torch.Tensor]:
         state = self.aug_generator.get_state()
@@ -620,8 +725,7 @@ class Trainer:
                 x = augment_batch(x, y, self.aug_generator, spec.mean, spec.std)
             if cfg.model == "cnn":
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, correct = train_step(self.net, x, y, self.optimizer, cfg.label_smoothing, self.amp_dtype,
-                                       self.scaler)
+            loss, correct = train_step(self.net, x, y, self.optimizer, cfg.label_smoothing, self.amp_dtype, self.scaler)
             if self.scheduler is not None:
                 self.scheduler.step()
             sums[0] += loss.to(acc_dtype) * len(y)
@@ -641,8 +745,13 @@ class Trainer:
         """Validate, log, checkpoint; returns the epoch's record."""
         s = self.state
         loss_sum, correct, seen = distributed.all_reduce_sum(s.totals.as_list(), self.ctx, self.device)
-        val = evaluate_tensors(self.model, *self.val, self.dataset.spec.mean, self.dataset.spec.std,
-                               self.device, self.amp_dtype) if len(self.val[1]) else None
+        val = (
+            evaluate_tensors(
+                self.model, *self.val, self.dataset.spec.mean, self.dataset.spec.std, self.device, self.amp_dtype
+            )
+            if len(self.val[1])
+            else None
+        )
         record = {
             "epoch": s.epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -656,8 +765,10 @@ class Trainer:
         s.history.append(record)
         s.epoch, s.step_in_epoch, s.totals, s.epoch_seconds = s.epoch + 1, 0, EpochTotals(), 0.0
         val_text = f"val loss {val.loss:.4f}  val acc {val.accuracy:.2%}" if val else "no validation set"
-        self.log(f"epoch {record['epoch']:>2}/{self.cfg.epochs}  train loss {record['train_loss']:.4f}  "
-                 f"{val_text}  {record['epoch_seconds']:.1f}s  {record['images_per_second']:,.0f} img/s")
+        self.log(
+            f"epoch {record['epoch']:>2}/{self.cfg.epochs}  train loss {record['train_loss']:.4f}  "
+            f"{val_text}  {record['epoch_seconds']:.1f}s  {record['images_per_second']:,.0f} img/s"
+        )
         score = record["val_accuracy"] if val else record["train_accuracy"]
         improved = score > s.best_val_accuracy
         if improved:
@@ -681,7 +792,8 @@ class Trainer:
         name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         exc = TrainingInterrupted(
             f"interrupted ({name}) at epoch {self.epoch + 1}, step {self.step_in_epoch}; saved {self.out / 'last'}; "
-            f"resume with: digitlab train --resume {self.out}")
+            f"resume with: digitlab train --resume {self.out}"
+        )
         exc.exit_code = 128 + int(signum)
         return exc
 
@@ -699,10 +811,12 @@ class Trainer:
         start = time.perf_counter()
         self.setup()
         cfg = self.cfg
-        self.log(f"training {cfg.model} ({count_parameters(self.model):,} parameters) on "
-                 f"{self.dataset.spec.title}: {len(self.loader.y):,} train / {len(self.val[1]):,} val images, "
-                 f"device {self.device}{', ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}"
-                 f"{f', {self.ctx.world_size} processes' if self.ctx.enabled else ''} -> {self.out}")
+        self.log(
+            f"training {cfg.model} ({count_parameters(self.model):,} parameters) on "
+            f"{self.dataset.spec.title}: {len(self.loader.y):,} train / {len(self.val[1]):,} val images, "
+            f"device {self.device}{', ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}"
+            f"{f', {self.ctx.world_size} processes' if self.ctx.enabled else ''} -> {self.out}"
+        )
         stopped_early = False
         with stop_on_signals(self.stop_flag) as stop:
             while self.epoch < cfg.epochs:
@@ -732,29 +846,50 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         spec = self.dataset.spec
         temperature = self.fit_temperature()
-        test = evaluate_tensors(self.model, self.dataset.test_images, self.dataset.test_labels,
-                                spec.mean, spec.std, self.device, None)
+        test = evaluate_tensors(
+            self.model, self.dataset.test_images, self.dataset.test_labels, spec.mean, spec.std, self.device, None
+        )
         test_ece = calibration.expected_calibration_error(
-            calibration.softmax(test.logits.numpy(), temperature), self.dataset.test_labels.numpy())
+            calibration.softmax(test.logits.numpy(), temperature), self.dataset.test_labels.numpy()
+        )
         spread = distributed.weight_spread(self.model, self.ctx, self.device)
-        run = Run(dir=self.out, config=self.cfg, history=self.history, best_val_accuracy=self.best_val_accuracy,
-                  best_epoch=self.best_epoch, test_accuracy=test.accuracy, test_loss=test.loss,
-                  stopped_early=stopped_early, seconds=time.perf_counter() - start, rank=self.ctx.rank,
-                  temperature=temperature, test_ece=test_ece)
-        self.log(f"test accuracy {test.accuracy:.2%}  test loss {test.loss:.4f}  ece {test_ece:.4f}  "
-                 f"(best epoch {self.best_epoch}, temperature {temperature:.3f}, {run.seconds:.1f}s)  "
-                 f"checkpoint {self.out / 'best.safetensors'}")
+        run = Run(
+            dir=self.out,
+            config=self.cfg,
+            history=self.history,
+            best_val_accuracy=self.best_val_accuracy,
+            best_epoch=self.best_epoch,
+            test_accuracy=test.accuracy,
+            test_loss=test.loss,
+            stopped_early=stopped_early,
+            seconds=time.perf_counter() - start,
+            rank=self.ctx.rank,
+            temperature=temperature,
+            test_ece=test_ece,
+        )
+        self.log(
+            f"test accuracy {test.accuracy:.2%}  test loss {test.loss:.4f}  ece {test_ece:.4f}  "
+            f"(best epoch {self.best_epoch}, temperature {temperature:.3f}, {run.seconds:.1f}s)  "
+            f"checkpoint {self.out / 'best.safetensors'}"
+        )
         if self.ctx.is_main:
             best_record = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
             metrics = {**best_record, "test_accuracy": test.accuracy, "test_loss": test.loss, "test_ece": test_ece}
             info = self._info(self.best_epoch, metrics)
             info.temperature = temperature
             checkpoint.save(self.out / "best", self.model, info)
-            summary = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_ece": test_ece,
-                       "temperature": temperature, "best_epoch": self.best_epoch,
-                       "best_val_accuracy": self.best_val_accuracy, "seconds": round(run.seconds, 3),
-                       "stopped_early": stopped_early, "processes": self.ctx.world_size,
-                       "max_weight_difference_between_processes": spread}
+            summary = {
+                "test_accuracy": test.accuracy,
+                "test_loss": test.loss,
+                "test_ece": test_ece,
+                "temperature": temperature,
+                "best_epoch": self.best_epoch,
+                "best_val_accuracy": self.best_val_accuracy,
+                "seconds": round(run.seconds, 3),
+                "stopped_early": stopped_early,
+                "processes": self.ctx.world_size,
+                "max_weight_difference_between_processes": spread,
+            }
             atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
             if extras.plots_available():
                 plot_curves(self.history, self.out / "curves.png")
@@ -815,15 +950,22 @@ class _EpochProgress:
     def __init__(self, console, title: str, total: int, done: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                 console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self.task = self.progress.add_task(title, total=total, completed=done, stats="")
         self.progress.start()
 
     def update(self, done: int, sums: list[float], elapsed: float) -> None:
         loss_sum, correct, seen = sums
-        stats = f"loss {loss_sum / max(seen, 1):.4f}  acc {correct / max(seen, 1):.2%}  {seen / max(elapsed, 1e-9):,.0f} img/s"
+        rate = seen / max(elapsed, 1e-9)
+        stats = f"loss {loss_sum / max(seen, 1):.4f}  acc {correct / max(seen, 1):.2%}  {rate:,.0f} img/s"
         self.progress.update(self.task, completed=done, stats=stats)
 
     def close(self) -> None:
