@@ -216,26 +216,54 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2%} ± {statistics.stdev(values):.2%}"
 
 
+def print_table(results: dict[str, dict[str, list[dict[str, float]]]]) -> None:
+    """One row per set; per name: accuracy (mean ± std over its runs), mean ECE, mean errors."""
+    set_names = list(next(iter(results.values())))
+    print("| set | " + " | ".join(f"{n} accuracy | {n} ECE | {n} errors" for n in results) + " |")
+    print("| --- |" + " --- | --- | --- |" * len(results))
+    for set_name in set_names:
+        cells = []
+        for name in results:
+            rows = results[name].get(set_name, [])
+            if not rows:
+                cells += ["", "", ""]
+                continue
+            errors, no_ink = statistics.mean(r["errors"] for r in rows), statistics.mean(r["no_ink"] for r in rows)
+            cells.append(mean_std([r["accuracy"] for r in rows]))
+            cells.append(f"{statistics.mean(r['ece'] for r in rows):.4f}")
+            cells.append(f"{errors:.0f} ({no_ink:.0f} no ink)")
+        print(f"| {set_name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("DIGITLAB_DATA"), help="MNIST dir (or $DIGITLAB_DATA)")
     parser.add_argument("--optdigits", default=str(ROOT.parent / "shared/datasets/optdigits32"))
     parser.add_argument("--optdigits-split", choices=("test", "train"), default="test")
-    parser.add_argument("--run", action="append", required=True, help="NAME=DIR[,DIR...]")
+    parser.add_argument("--run", action="append", default=[], help="NAME=DIR[,DIR...]")
     parser.add_argument(
         "--sets", default="mnist,optdigits,fonts,hard", help="comma-separated groups: mnist, optdigits, fonts, hard"
     )
     parser.add_argument("--per-font-digit", type=int, default=12)
     parser.add_argument("--hard-count", type=int, default=1000, help="MNIST test digits per hard variant")
     parser.add_argument("--json", help="also write every figure here")
+    parser.add_argument(
+        "--merge", action="append", default=[], help="add the figures a previous run wrote with --json (repeatable)"
+    )
     args = parser.parse_args()
-    if not args.data:
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for path in args.merge:
+        for name, sets_of_name in json.loads(Path(path).read_text()).items():
+            for set_name, rows in sets_of_name.items():
+                results.setdefault(name, {}).setdefault(set_name, []).extend(rows)
+    if not args.run and not results:
+        parser.error("give --run NAME=DIR (or --merge FILE)")
+    if args.run and not args.data:
         parser.error("--data DIR (or $DIGITLAB_DATA) is required")
     groups = set(args.sets.split(","))
-    sets = build_sets(args) if groups & {"optdigits", "fonts", "hard"} else {}
+    sets = build_sets(args) if args.run and groups & {"optdigits", "fonts", "hard"} else {}
     if "optdigits" not in groups:
         sets = {k: v for k, v in sets.items() if not k.startswith("optdigits")}
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for spec in args.run:
         name, _, dirs = spec.partition("=")
         for run_dir in dirs.split(","):
@@ -248,28 +276,9 @@ def main() -> None:
                 scores[set_name] = score_set(predictor, pictures(), labels)
             for set_name, s in scores.items():
                 results.setdefault(name, {}).setdefault(set_name, []).append(s)
-            print(
-                f"{name} {run_dir}: "
-                + ", ".join(f"{k} {v['accuracy']:.2%}" for k, v in scores.items())
-                + f" ({time.perf_counter() - start:.0f}s)",
-                file=sys.stderr,
-            )
-    set_names = list(next(iter(results.values())))
-    print("| set | " + " | ".join(f"{n} accuracy | {n} ECE | {n} errors" for n in results) + " |")
-    print("| --- |" + " --- | --- | --- |" * len(results))
-    for set_name in set_names:
-        cells = []
-        for name in results:
-            rows = results[name].get(set_name, [])
-            cells.append(mean_std([r["accuracy"] for r in rows]) if rows else "")
-            cells.append(f"{statistics.mean(r['ece'] for r in rows):.4f}" if rows else "")
-            cells.append(
-                f"{statistics.mean(r['errors'] for r in rows):.0f}"
-                f" ({statistics.mean(r['no_ink'] for r in rows):.0f} no ink)"
-                if rows
-                else ""
-            )
-        print(f"| {set_name} | " + " | ".join(cells) + " |")
+            summary = ", ".join(f"{k} {v['accuracy']:.2%}" for k, v in scores.items())
+            print(f"{name} {run_dir}: {summary} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+    print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
