@@ -105,3 +105,37 @@ def test_evaluate_an_ensemble(trained):
     double = evaluate([trained, trained], data_dir, plots=False)
     assert double.accuracy == single.accuracy and double.ece == pytest.approx(single.ece)
     assert double.model.startswith("ensemble") and len(double.temperature) == 2
+
+
+def test_an_ensemble_exports_to_one_onnx_graph_that_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from digitlab import export
+
+    a = save_random_checkpoint(tmp_path / "a" / "best", "mlp", seed=4, temperature=1.7)
+    b = save_random_checkpoint(tmp_path / "b" / "best", "cnn", seed=5, temperature=0.6, random_batch_norm=True)
+    report = export.export_onnx([a, b], tmp_path / "ensemble.onnx")
+    assert report.model == "ensemble" and report.check.argmax_agreement == report.check.count
+    x = np.random.default_rng(3).random((8, 28, 28)).astype(np.float32)
+    from_torch = Predictor.from_checkpoints([a, b], device="cpu").predict_arrays(x)
+    from_onnx = Predictor.from_onnx(tmp_path / "ensemble.onnx", device="cpu").predict_arrays(x)
+    np.testing.assert_allclose(from_onnx, from_torch, atol=1e-5)
+    members = json.loads(export.read_metadata(tmp_path / "ensemble.onnx")["model_config"])["members"]
+    assert [m["temperature"] for m in members] == [1.7, 0.6]
+
+
+def test_predict_reads_with_an_ensemble_from_the_command_line(tmp_path, monkeypatch, capsys):
+    a = save_random_checkpoint(tmp_path / "a" / "best", "mlp", seed=6)
+    b = save_random_checkpoint(tmp_path / "b" / "best", "mlp", seed=7)
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[4:24, 12:16] = 255
+    image = tmp_path / "one.png"
+    from PIL import Image
+
+    Image.fromarray(digit).save(image)
+    code, out, err = run_main(
+        monkeypatch, capsys, "predict", "--checkpoint", str(a), "--checkpoint", str(b), "--json", str(image)
+    )
+    assert code == 0, err
+    answer = json.loads(out.strip().splitlines()[-1])
+    expected = Predictor.from_checkpoints([a, b], device="cpu").predict([str(image)])[0]
+    np.testing.assert_allclose(answer["probabilities"], expected.probabilities, atol=1e-6)
