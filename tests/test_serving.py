@@ -664,14 +664,14 @@ def test_docs_examples_show_real_precision(client):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_model_info_says_whether_confidence_is_calibrated(predictor, mlp_path):
+def test_model_info_says_whether_confidence_is_calibrated(predictor, tmp_path):
     from digitlab.prediction import Predictor
     from digitlab.serving import create_app
 
     body = TestClient(create_app(predictor)).get("/api/model").json()
     assert body["calibrated"] is False and body["temperature"] == 1.0 and body["reject_below"] is None
-    hot = Predictor.from_checkpoint(mlp_path, device="cpu")
-    hot.info.temperature = 2.0
+    hot_path = save_random_checkpoint(tmp_path / "hot" / "best", "mlp", seed=3, temperature=2.0)
+    hot = Predictor.from_checkpoint(hot_path, device="cpu")
     with TestClient(create_app(hot, reject_below=0.9)) as c:
         body = c.get("/api/model").json()
         assert body["calibrated"] is True and body["temperature"] == 2.0 and body["reject_below"] == 0.9

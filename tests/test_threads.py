@@ -142,6 +142,7 @@ def test_configure_after_torch_is_imported_sets_the_count_directly(monkeypatch):
 )
 def test_the_commands_configure_threads_first(monkeypatch, capsys, tmp_path, args):
     calls: list[str] = []
+    monkeypatch.delenv("DIGITLAB_DATA", raising=False)  # else train falls back to the real data (as CI sets it)
     monkeypatch.setattr(threads, "configure", lambda kind: calls.append(kind))
     monkeypatch.setattr(
         "digitlab.datafiles.download_dataset", lambda *a, **k: (_ for _ in ()).throw(DataError("offline in tests"))
