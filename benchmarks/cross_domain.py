@@ -152,17 +152,19 @@ def build_sets(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Iterato
 
 
 def score_set(predictor, pictures: Iterator[bytes], labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and ECE of the predictor on encoded pictures; a refused picture counts as wrong, with a
+    uniform (uninformed) answer in the ECE."""
     calibration = _calibration()
-    probabilities, errors, no_ink = [], 0, 0
+    probabilities, failed, no_ink = [], [], 0
     batch: list[bytes] = []
 
     def flush() -> None:
-        nonlocal errors, no_ink
+        nonlocal no_ink
         for prediction in predictor.predict(batch):
-            if prediction.error:
-                errors += 1
+            failed.append(prediction.error is not None)
+            if prediction.error is not None:
                 no_ink += "no ink" in prediction.error
-                probabilities.append(np.full(10, 0.1))  # an error counts as a wrong, uninformed answer
+                probabilities.append(np.full(10, 0.1))
             else:
                 probabilities.append(np.asarray(prediction.probabilities, dtype=np.float64))
         batch.clear()
@@ -174,12 +176,11 @@ def score_set(predictor, pictures: Iterator[bytes], labels: np.ndarray) -> dict[
     if batch:
         flush()
     p = np.stack(probabilities)
-    right = p.argmax(1) == labels
-    right[np.isclose(p.max(1), 0.1)] = False
+    right = (p.argmax(1) == labels) & ~np.array(failed)
     return {
         "accuracy": float(right.mean()),
         "ece": calibration.expected_calibration_error(p, labels),
-        "errors": errors,
+        "errors": int(sum(failed)),
         "no_ink": no_ink,
         "count": len(labels),
     }

@@ -113,15 +113,20 @@ def test_corrupt_resume_state(saved):
         checkpoint.load_state(saved / "best")
 
 
+def evaluate_in_a_process(run_dir: Path) -> subprocess.CompletedProcess:
+    """`digitlab evaluate --checkpoint RUN_DIR` as a user runs it, with the run's own data dir."""
+    return subprocess.run(
+        [sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIGITLAB_DATA": str(run_dir)},
+    )
+
+
 def test_cli_reports_a_bad_checkpoint_on_one_line(saved):
     path = saved / "best.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    result = subprocess.run(
-        [sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DIGITLAB_DATA": str(saved)},
-    )
+    result = evaluate_in_a_process(saved)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "truncated or corrupt weights" in result.stderr
     assert "Traceback" not in result.stderr
@@ -303,11 +308,6 @@ def test_cli_evaluate_with_std_zero_exits_1_naming_the_sidecar(saved):
     raw = json.loads(sidecar.read_text())
     raw["std"] = 0
     sidecar.write_text(json.dumps(raw))
-    result = subprocess.run(
-        [sys.executable, "-m", "digitlab", "evaluate", "--checkpoint", str(saved)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DIGITLAB_DATA": str(saved)},
-    )
+    result = evaluate_in_a_process(saved)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and f"{sidecar}: std 0" in result.stderr

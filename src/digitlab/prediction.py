@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .calibration import softmax
 from .errors import DigitlabError, first_line
 from .figures import write_png
 from .idx import IMAGES_MAGIC, gunzip, is_gzip, parse_idx
@@ -348,14 +349,6 @@ def _prepare_all(pool: ThreadPoolExecutor, workers: int, batch: Sequence[InputIt
 # ----------------------------------------------------------------------------------------------------------
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits (N, classes), computed in float64, returned as float32."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def _torch_runner(model: Any, mean: float | None, std: float | None, device: Any) -> RunLogits:
     """run_logits for a PyTorch model: pixels -> normalised as in training (`model_input`) -> logits."""
     import torch
@@ -469,7 +462,7 @@ class Predictor:
         total = None
         with self._lock:
             for run_logits, temperature in self.members:
-                p = softmax(np.asarray(run_logits(x), dtype=np.float32) / np.float32(temperature))
+                p = softmax(np.asarray(run_logits(x)), temperature).astype(np.float32)
                 total = p if total is None else total + p
         return total / len(self.members)
 
