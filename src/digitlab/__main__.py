@@ -1,4 +1,4 @@
-from digitlab.cli import main
+from digitlab.cli import entry_point
 
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -16,6 +16,7 @@ from . import checkpoint as ckpt
 from .devices import autocast, resolve_device
 from .errors import DigitlabError
 from .figures import new_figure, save_png
+from .tta import averaged as tta_average
 
 SPLITS = ("test", "val", "train")
 
@@ -102,6 +103,7 @@ class Report:
     selective: list[dict[str, float]] = field(default_factory=list)  # what --reject-below T keeps and scores
     mistakes: list[dict[str, Any]] = field(default_factory=list)  # worst first
     files: dict[str, str] = field(default_factory=dict)
+    tta: bool = False  # each member averaged over five shifted views (tta.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,9 +154,11 @@ def evaluate(
     out_dir: str | Path | None = None,
     worst: int = 36,
     plots: bool = True,
+    tta: bool = False,
 ) -> Report:
     """Evaluate a checkpoint, or an ensemble of them (a list: their calibrated probabilities are averaged),
-    on a split of the dataset it was trained on; optionally write the plots."""
+    on a split of the dataset it was trained on; optionally write the plots. tta: average each member over
+    the image and four one-pixel shifts of it (tta.py)."""
     paths = _as_paths(checkpoint)
     members = [ckpt.load(path) for path in paths]
     infos = [info for _, info in members]
@@ -165,8 +169,13 @@ def evaluate(
     images, labels = split_images(dataset, split, info.train_config)
     probabilities = torch.zeros(len(labels), len(info.class_names), dtype=torch.float64)
     for model, member in members:
-        logits = predict_logits(model.to(dev), images, member.mean, member.std, dev)
-        probabilities += torch.from_numpy(calibration.softmax(logits.numpy(), member.temperature))
+        model = model.to(dev)
+
+        def member_probabilities(views: torch.Tensor, model=model, member=member) -> torch.Tensor:
+            logits = predict_logits(model, views, member.mean, member.std, dev)
+            return torch.from_numpy(calibration.softmax(logits.numpy(), member.temperature))
+
+        probabilities += tta_average(member_probabilities, images) if tta else member_probabilities(images)
     probabilities /= len(members)
     predicted = probabilities.argmax(1)
     right_probability = probabilities[torch.arange(len(labels)), labels].clamp_min(1e-12)
@@ -199,6 +208,7 @@ def evaluate(
         class_names=list(info.class_names),
         selective=calibration.selective_accuracy(*as_numpy),
         mistakes=mistakes,
+        tta=tta,
     )
     if plots and not extras.plots_available():
         extras.plots_skipped(["confusion.png", "mistakes.png", "reliability.png"])

@@ -35,6 +35,7 @@ from .figures import write_png
 from .idx import IMAGES_MAGIC, gunzip, is_gzip, parse_idx
 from .pixels import model_input
 from .preprocessing import IMAGE_SUFFIXES, load_image, preprocess
+from .tta import averaged as tta_average
 
 IDX_SUFFIXES = (".idx", ".idx3", ".idx3-ubyte", "-ubyte", ".gz")
 DEFAULT_BATCH_SIZE = 256
@@ -380,6 +381,7 @@ class Predictor:
         device: Any = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         temperature: float | None = None,
+        tta: bool = False,
     ):
         if batch_size < 1:
             raise PredictError(f"--batch-size {batch_size}: must be >= 1")
@@ -392,6 +394,7 @@ class Predictor:
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.tta = tta  # average each answer over the image and four one-pixel shifts of it (tta.py)
         self._lock = threading.Lock()  # one forward pass at a time on the shared model
 
     @property
@@ -431,10 +434,12 @@ class Predictor:
         device: str = "auto",
         batch_size: int = DEFAULT_BATCH_SIZE,
         onnx: bool | None = None,
+        tta: bool = False,
     ) -> Predictor:
         """An ensemble: each checkpoint (or exported .onnx file) is loaded, and their calibrated probabilities
         are averaged. One path gives a plain Predictor. `explain` and `activations` show the first member.
-        onnx: True loads every path with onnxruntime, False as a checkpoint; None decides by the .onnx suffix."""
+        onnx: True loads every path with onnxruntime, False as a checkpoint; None decides by the .onnx suffix.
+        tta: test-time augmentation (tta.py), five forward passes per image and member."""
         if not paths:
             raise PredictError("--checkpoint: give at least one checkpoint")
 
@@ -452,6 +457,7 @@ class Predictor:
                     f"({', '.join(member.info.class_names)} vs {', '.join(first.info.class_names)})"
                 )
             first.members.extend(member.members)
+        first.tta = tta
         return first
 
     # -- the model ---------------------------------------------------------------------------------------
@@ -462,7 +468,11 @@ class Predictor:
         total = None
         with self._lock:
             for run_logits, temperature in self.members:
-                p = softmax(np.asarray(run_logits(x)), temperature).astype(np.float32)
+
+                def probabilities(views: np.ndarray, run_logits=run_logits, temperature=temperature) -> np.ndarray:
+                    return softmax(np.asarray(run_logits(views)), temperature).astype(np.float32)
+
+                p = tta_average(probabilities, x) if self.tta else probabilities(x)
                 total = p if total is None else total + p
         return total / len(self.members)
 

@@ -1130,6 +1130,7 @@ def serve(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    tta: bool = False,
 ) -> None:
     """Load the checkpoint once, then serve the page and the API with uvicorn until interrupted.
 
@@ -1142,7 +1143,7 @@ def serve(
     sock = bind_socket(host, port)  # before the model loads: a busy port fails fast
     try:
         paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-        predictor = Predictor.from_checkpoints(paths, device=device)  # several: an ensemble
+        predictor = Predictor.from_checkpoints(paths, device=device, tta=tta)  # several: an ensemble
         app = create_app(
             predictor,
             max_body_bytes=max_body_bytes,

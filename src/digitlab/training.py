@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
@@ -78,14 +79,14 @@ RECIPES: dict[str, Recipe] = {
     "quick": Recipe(
         "cnn", epochs=2, lr=1.2e-2, batch_size=128, augment=False, summary="the CNN in seconds: 99.3%, no augmentation"
     ),
-    # A wider, deeper CNN (2 convs per resolution, 32-64-128 channels) for top MNIST accuracy.
+    # The default CNN twice as deep (2 convs per resolution: 73k parameters, receptive field the whole digit),
+    # trained 1.5x as long; ~2.7x the default's cost per epoch.
     "best": Recipe(
         "cnn",
-        epochs=30,
+        epochs=24,
         lr=4e-3,
-        batch_size=128,
-        model_config={"channels": [32, 64, 128], "convs_per_stage": 2},
-        summary="a wider, deeper CNN (288k parameters), 30 epochs: ~8x the default's cost per step",
+        model_config={"channels": [16, 32, 64], "convs_per_stage": 2},
+        summary="the default CNN twice as deep (73k parameters), 24 epochs",
     ),
 }
 DEFAULT_RECIPES = {"mlp": "mlp", "cnn": "cnn"}  # the recipe a model trains with when none is named
@@ -811,6 +812,9 @@ class Trainer:
 
     def finish(self, start: float, stopped_early: bool) -> Run:
         """Test the best model once, record it, draw the curves."""
+        # The history is complete: draw curves.png in a thread while the model is tested, so the drawing
+        # (1 s on a 2-core CPU, most of it importing matplotlib) does not come after the result.
+        curves = self._draw_curves_in_background()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         spec = self.dataset.spec
@@ -860,11 +864,21 @@ class Trainer:
                 "max_weight_difference_between_processes": spread,
             }
             atomic_write_bytes(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-            if extras.plots_available():
-                plot_curves(self.history, self.out / "curves.png")
-            else:
-                extras.plots_skipped(["curves.png"])
+        if curves is not None:
+            curves.result()  # waits for the drawing; re-raises what went wrong in the thread
         return run
+
+    def _draw_curves_in_background(self) -> Future | None:
+        """Start drawing curves.png (rank 0 only); None where nothing is drawn."""
+        if not self.ctx.is_main:
+            return None
+        if not extras.plots_available():
+            extras.plots_skipped(["curves.png"])
+            return None
+        executor = ThreadPoolExecutor(1, thread_name_prefix="digitlab-curves")
+        future = executor.submit(plot_curves, list(self.history), self.out / "curves.png")
+        executor.shutdown(wait=False)  # the submitted drawing still runs; the worker thread ends after it
+        return future
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> Run:
