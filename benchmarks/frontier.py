@@ -69,13 +69,15 @@ def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     return seconds, done
 
 
-def run_record(recipe: str, seed: int, run_dir: Path, seconds: float, command: str) -> dict[str, Any]:
+def run_record(recipe: str, seed: int, run_dir: Path, seconds: float | None, command: str) -> dict[str, Any]:
+    """A run's entry in the book; seconds None for a run whose whole process was not timed (its accuracy
+    counts, its time does not)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "recipe": recipe,
         "seed": seed,
         "run_dir": str(run_dir),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2) if seconds is not None else None,
         "test_accuracy": summary["test_accuracy"],
         "test_ece": summary.get("test_ece"),
         "best_val_accuracy": summary["best_val_accuracy"],
@@ -133,13 +135,15 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
             command += ["--tta"] if args.tta else []
             seconds, done = timed(command)
             report = json.loads(done.stdout)
+            timed_runs = [r["seconds"] for r in runs if r["seconds"] is not None]
+            typical = statistics.median(timed_runs)  # for members whose process was not timed
             record = {
                 "recipe": recipe,
                 "members": k,
                 "tta": args.tta,
                 "seeds": [r["seed"] for r in members],
                 "evaluate_seconds": round(seconds, 2),
-                "seconds": round(sum(r["seconds"] for r in members) + seconds, 2),
+                "seconds": round(sum(typical if r["seconds"] is None else r["seconds"] for r in members) + seconds, 2),
                 "test_accuracy": report["accuracy"],
                 "test_ece": report["ece"],
                 "command": "digitlab evaluate --data DATA "
@@ -166,14 +170,17 @@ def rows(book: dict[str, Any]) -> list[dict[str, Any]]:
         runs = [r for r in book["runs"] if r["recipe"] == recipe]
         accuracies = [r["test_accuracy"] for r in runs]
         seeds = ", ".join(str(r["seed"]) for r in runs)
+        seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
+        untimed = [str(r["seed"]) for r in runs if r["seconds"] is None]
+        note = f"; time from the other seeds (seeds {', '.join(untimed)} not timed)" if untimed else ""
         out.append(
             {
                 "name": f"--recipe {recipe}",
-                "seconds": statistics.median(r["seconds"] for r in runs),
-                "seconds_range": (min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)),
+                "seconds": statistics.median(seconds),
+                "seconds_range": (min(seconds), max(seconds)),
                 "accuracy": statistics.mean(accuracies),
                 "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
-                "detail": " / ".join(f"{a:.2%}" for a in accuracies) + f" (seeds {seeds})",
+                "detail": " / ".join(f"{a:.2%}" for a in accuracies) + f" (seeds {seeds}){note}",
                 "kind": "recipe",
             }
         )
@@ -299,7 +306,7 @@ def main() -> None:
     p.add_argument("--recipe", required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--seconds", type=float, required=True, help="its whole-process time")
+    p.add_argument("--seconds", type=float, help="its whole-process time (leave out when it was not timed)")
     p.add_argument("--command", help="the command that produced it, for the table")
     p.set_defaults(func=cmd_record)
     p = sub.add_parser("ensembles", help="evaluate ensembles of a recipe's first k seeds")

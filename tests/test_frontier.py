@@ -81,3 +81,10 @@ def test_plot_writes_a_png(book, tmp_path):
 def test_names_say_members_and_tta():
     assert frontier.ensemble_name({"recipe": "cnn", "members": 1, "tta": True}) == "--recipe cnn + TTA"
     assert frontier.ensemble_name({"recipe": "best", "members": 5}) == "ensemble of 5 x --recipe best"
+
+
+def test_an_untimed_seed_counts_for_accuracy_not_for_time(book, tmp_path):
+    frontier.put_run(book, frontier.run_record("cnn", 3, fake_run(tmp_path, "cnn-s3", 0.990), None, "cmd"))
+    cnn = next(r for r in frontier.rows(book) if r["name"] == "--recipe cnn")
+    assert cnn["accuracy"] == pytest.approx((0.995 + 0.993 + 0.994 + 0.990) / 4)
+    assert cnn["seconds"] == 250.0 and "seeds 3 not timed" in cnn["detail"]

@@ -28,6 +28,9 @@ app.add_typer(data_app, name="data")
 DataOpt = typer.Option(None, "--data", help="Dir with the four IDX files (else $DIGITLAB_DATA, then the user cache).")
 DatasetOpt = typer.Option("mnist", "--dataset", help="mnist or fashion-mnist.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+TtaOpt = typer.Option(
+    False, "--tta", help="Test-time augmentation: average over the image and 4 one-pixel shifts (5x the work)."
+)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -237,9 +240,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Where confusion.png and mistakes.png go."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     no_plots: bool = typer.Option(False, "--no-plots"),
-    tta: bool = typer.Option(
-        False, "--tta", help="Test-time augmentation: average over the image and 4 one-pixel shifts (5x the work)."
-    ),
+    tta: bool = TtaOpt,
 ) -> None:
     """Accuracy, calibration error (ECE), per-class precision/recall/F1, confusion matrix, worst mistakes,
     and what --reject-below would keep; writes confusion.png, mistakes.png and reliability.png."""
@@ -351,9 +352,7 @@ def serve(
         5, "--keep-alive-timeout", min=1, help="Seconds an idle connection stays open."
     ),
     max_connections: int = typer.Option(100, "--max-connections", min=1, help="Open connections (503 beyond)."),
-    tta: bool = typer.Option(
-        False, "--tta", help="Test-time augmentation: average over the image and 4 one-pixel shifts (5x the work)."
-    ),
+    tta: bool = TtaOpt,
 ) -> None:
     """Serve a page to draw a digit and watch the network read it, and the HTTP API (docs at /docs)."""
     from .threads import configure as configure_threads
@@ -418,9 +417,7 @@ def predict(
         "--explain",
         help="Write why each digit was read into this folder: a saliency PNG per input (needs --checkpoint).",
     ),
-    tta: bool = typer.Option(
-        False, "--tta", help="Test-time augmentation: average over the image and 4 one-pixel shifts (5x the work)."
-    ),
+    tta: bool = TtaOpt,
 ) -> None:
     """Read the digit in each image: photos, scans and drawings are preprocessed the way MNIST was made."""
     import json
