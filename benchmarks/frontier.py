@@ -13,14 +13,14 @@ Three steps, each adding to one JSON file (--book), so a long campaign can stop 
         --ensemble cnn:2,3,5 --ensemble best:3,5
     #    ... and with test-time augmentation (5 forward passes per image and member; k = 1 is a single model)
     python benchmarks/frontier.py ensembles --book frontier.json --data ../shared/datasets/mnist \
-        --ensemble cnn:1,3 --tta
+        --ensemble cnn:1,3 --tta --disjoint
     # 3. the table (markdown) and the plot (accuracy against seconds, log scale)
     python benchmarks/frontier.py report --book frontier.json --plot docs/img/frontier.png \
         --competitor "tutorial MLP (torchvision + DataLoader)=144.2:0.9824"
 
 A recipe's row is the mean ± std of its seeds' test accuracy against the median whole-process time. An
 ensemble of k members costs the k members' training processes one after another plus the evaluate process;
-its members are the recipe's first k seeds, and its accuracy is one figure (there is one such ensemble).
+its members are the recipe's first k seeds, or with --disjoint every disjoint group of k seeds (mean ± std).
 Each test accuracy is the one `digitlab train` printed after its run: the test set chose nothing.
 """
 
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +85,14 @@ def run_record(recipe: str, seed: int, run_dir: Path, seconds: float | None, com
     }
 
 
+def update_book(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read the book afresh, change it, write it back: two steps running at once (a long `train` and an
+    `ensembles`) each keep the other's records."""
+    book = load_book(path)
+    change(book)
+    save_book(path, book)
+
+
 def find_run(book: dict[str, Any], recipe: str, seed: int) -> dict[str, Any] | None:
     return next((r for r in book["runs"] if r["recipe"] == recipe and r["seed"] == seed), None)
 
@@ -107,16 +115,32 @@ def cmd_train(args: argparse.Namespace) -> None:
             seconds, _ = timed(command)
             shown = f"digitlab train --recipe {recipe} --seed {seed} --data DATA --out {run_dir}"
             record = run_record(recipe, seed, run_dir, seconds, shown)
-            put_run(book, record)
-            save_book(args.book, book)
+            update_book(args.book, lambda book, record=record: put_run(book, record))
             print(f"{recipe} seed {seed}: {record['test_accuracy']:.2%} in {seconds:.1f} s", flush=True)
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    book = load_book(args.book)
     shown = args.command or f"digitlab train --recipe {args.recipe} --seed {args.seed} (timed outside this script)"
-    put_run(book, run_record(args.recipe, args.seed, args.run_dir, args.seconds, shown))
-    save_book(args.book, book)
+    record = run_record(args.recipe, args.seed, args.run_dir, args.seconds, shown)
+    update_book(args.book, lambda book: put_run(book, record))
+
+
+def evaluate_group(members: list[dict[str, Any]], data: Path, tta: bool, typical: float) -> dict[str, Any]:
+    """One ensemble (or one model, with TTA) evaluated on the test set as a timed `digitlab evaluate` process."""
+    command = [sys.executable, "-m", "digitlab", "evaluate", "--data", str(data), "--json", "--no-plots"]
+    for r in members:
+        command += ["--checkpoint", r["run_dir"]]
+    command += ["--tta"] if tta else []
+    seconds, done = timed(command)
+    report = json.loads(done.stdout)
+    training = sum(typical if r["seconds"] is None else r["seconds"] for r in members)
+    return {
+        "seeds": [r["seed"] for r in members],
+        "evaluate_seconds": round(seconds, 2),
+        "seconds": round(training + seconds, 2),
+        "test_accuracy": report["accuracy"],
+        "test_ece": report["ece"],
+    }
 
 
 def cmd_ensembles(args: argparse.Namespace) -> None:
@@ -124,37 +148,40 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
     for spec in args.ensemble:
         recipe, sizes = spec.split(":")
         runs = sorted((r for r in book["runs"] if r["recipe"] == recipe), key=lambda r: r["seed"])
+        typical = statistics.median(r["seconds"] for r in runs if r["seconds"] is not None)  # for untimed members
         for k in (int(s) for s in sizes.split(",")):
             if len(runs) < k:
                 print(f"{recipe} x{k}: only {len(runs)} runs in {args.book}; train more seeds first")
                 continue
-            members = runs[:k]
-            command = [sys.executable, "-m", "digitlab", "evaluate", "--data", str(args.data), "--json", "--no-plots"]
-            for r in members:
-                command += ["--checkpoint", r["run_dir"]]
-            command += ["--tta"] if args.tta else []
-            seconds, done = timed(command)
-            report = json.loads(done.stdout)
-            timed_runs = [r["seconds"] for r in runs if r["seconds"] is not None]
-            typical = statistics.median(timed_runs)  # for members whose process was not timed
+            # The first k seeds; with --disjoint every disjoint group of k (seeds 0-1, 2-3, ...), for a mean.
+            count = len(runs) // k if args.disjoint else 1
+            groups = [evaluate_group(runs[i * k : (i + 1) * k], args.data, args.tta, typical) for i in range(count)]
+            accuracies = [g["test_accuracy"] for g in groups]
             record = {
                 "recipe": recipe,
                 "members": k,
                 "tta": args.tta,
-                "seeds": [r["seed"] for r in members],
-                "evaluate_seconds": round(seconds, 2),
-                "seconds": round(sum(typical if r["seconds"] is None else r["seconds"] for r in members) + seconds, 2),
-                "test_accuracy": report["accuracy"],
-                "test_ece": report["ece"],
+                "groups": groups,
+                "seeds": groups[0]["seeds"],
+                "evaluate_seconds": statistics.median(g["evaluate_seconds"] for g in groups),
+                "seconds": statistics.median(g["seconds"] for g in groups),
+                "test_accuracy": statistics.mean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+                "test_ece": statistics.mean(g["test_ece"] for g in groups),
                 "command": "digitlab evaluate --data DATA "
-                + " ".join(f"--checkpoint {r['run_dir']}" for r in members)
-                + (" --tta" if args.tta else ""),
+                + " ".join(f"--checkpoint {r['run_dir']}" for r in runs[:k])
+                + (" --tta" if args.tta else "")
+                + (f" (and each other disjoint group of {k})" if count > 1 else ""),
             }
-            key = (recipe, k, args.tta)
-            book["ensembles"] = [e for e in book["ensembles"] if (e["recipe"], e["members"], e.get("tta")) != key]
-            book["ensembles"].append(record)
-            save_book(args.book, book)
-            print(f"{ensemble_name(record)}: {record['test_accuracy']:.2%}, ece {record['test_ece']:.4f}", flush=True)
+            update_book(args.book, lambda book, record=record: put_ensemble(book, record))
+            shown = " / ".join(f"{a:.2%}" for a in accuracies)
+            print(f"{ensemble_name(record)}: {shown}, ece {record['test_ece']:.4f}", flush=True)
+
+
+def put_ensemble(book: dict[str, Any], record: dict[str, Any]) -> None:
+    key = (record["recipe"], record["members"], record["tta"])
+    book["ensembles"] = [e for e in book["ensembles"] if (e["recipe"], e["members"], e.get("tta")) != key]
+    book["ensembles"].append(record)
 
 
 def ensemble_name(e: dict[str, Any]) -> str:
@@ -185,15 +212,17 @@ def rows(book: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     for e in book["ensembles"]:
-        seeds = ", ".join(map(str, e["seeds"]))
+        groups = e.get("groups") or [e]
+        seeds = "; ".join(", ".join(map(str, g["seeds"])) for g in groups)
+        each = " / ".join(f"{g['test_accuracy']:.2%}" for g in groups) + " " if len(groups) > 1 else ""
         out.append(
             {
                 "name": ensemble_name(e),
                 "seconds": e["seconds"],
                 "seconds_range": None,
                 "accuracy": e["test_accuracy"],
-                "std": None,
-                "detail": f"seeds {seeds}; ece {e['test_ece']:.4f}; evaluate {e['evaluate_seconds']:.1f} s",
+                "std": e.get("std"),
+                "detail": f"{each}(seeds {seeds}); ece {e['test_ece']:.4f}; evaluate {e['evaluate_seconds']:.1f} s",
                 "kind": "tta" if e.get("tta") else "ensemble",
             }
         )
@@ -314,6 +343,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--ensemble", action="append", default=[], help="RECIPE:K1,K2,... (repeatable)")
     p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation (K may be 1)")
+    p.add_argument("--disjoint", action="store_true", help="every disjoint group of K seeds, not only the first")
     p.set_defaults(func=cmd_ensembles)
     p = sub.add_parser("report", help="print the table, draw the plot")
     p.add_argument("--book", type=Path, required=True)

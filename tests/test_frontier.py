@@ -88,3 +88,29 @@ def test_an_untimed_seed_counts_for_accuracy_not_for_time(book, tmp_path):
     cnn = next(r for r in frontier.rows(book) if r["name"] == "--recipe cnn")
     assert cnn["accuracy"] == pytest.approx((0.995 + 0.993 + 0.994 + 0.990) / 4)
     assert cnn["seconds"] == 250.0 and "seeds 3 not timed" in cnn["detail"]
+
+
+def test_book_updates_keep_what_another_step_wrote(book, tmp_path):
+    """A long `train` and an `ensembles` step write the same book: each re-reads it before writing."""
+    path = tmp_path / "book.json"
+    frontier.save_book(path, book)
+    ensemble = {
+        "recipe": "cnn",
+        "members": 2,
+        "tta": False,
+        "seeds": [0, 1],
+        "evaluate_seconds": 5.0,
+        "seconds": 505.0,
+        "test_accuracy": 0.9951,
+        "std": 0.0003,
+        "test_ece": 0.002,
+        "command": "cmd",
+        "groups": [{"seeds": [0, 1], "test_accuracy": 0.9953}, {"seeds": [2, 3], "test_accuracy": 0.9949}],
+    }
+    frontier.update_book(path, lambda b: frontier.put_ensemble(b, ensemble))
+    late = frontier.run_record("mlp", 1, fake_run(tmp_path, "mlp-s1", 0.982), 9.5, "cmd")
+    frontier.update_book(path, lambda b: frontier.put_run(b, late))
+    saved = frontier.load_book(path)
+    assert len(saved["ensembles"]) == 2 and len(saved["runs"]) == 5
+    row = next(r for r in frontier.rows(saved) if r["name"] == "ensemble of 2 x --recipe cnn")
+    assert row["std"] == 0.0003 and "99.53% / 99.49%" in row["detail"] and "seeds 0, 1; 2, 3" in row["detail"]

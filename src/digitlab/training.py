@@ -812,9 +812,6 @@ class Trainer:
 
     def finish(self, start: float, stopped_early: bool) -> Run:
         """Test the best model once, record it, draw the curves."""
-        # The history is complete: draw curves.png in a thread while the model is tested, so the drawing
-        # (1 s on a 2-core CPU, most of it importing matplotlib) does not come after the result.
-        curves = self._draw_curves_in_background()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         spec = self.dataset.spec
@@ -845,6 +842,10 @@ class Trainer:
             f"(best epoch {self.best_epoch}, temperature {temperature:.3f}, {run.seconds:.1f}s)  "
             f"checkpoint {self.out / 'best.safetensors'}"
         )
+        # The result is out: draw curves.png (1 s on a 2-core CPU, most of it importing matplotlib) in a thread
+        # while the checkpoint and summary are written. Started earlier, beside the test pass, it delayed the
+        # MLP's result by more than it saved (measured: docs/benchmarks.md).
+        curves = self._draw_curves_in_background()
         if self.ctx.is_main:
             best_record = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
             metrics = {**best_record, "test_accuracy": test.accuracy, "test_loss": test.loss, "test_ece": test_ece}
