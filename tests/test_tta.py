@@ -83,7 +83,15 @@ def test_evaluate_with_tta_reports_it_and_scores_the_averaged_views(trained_cnn)
 def test_tta_from_the_command_line(trained_cnn, monkeypatch, capsys):
     run_dir, data_dir = trained_cnn
     code, out, err = run_main(
-        monkeypatch, capsys, "evaluate", "--checkpoint", str(run_dir), "--data", str(data_dir), "--json", "--tta",
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(run_dir),
+        "--data",
+        str(data_dir),
+        "--json",
+        "--tta",
         "--no-plots",
     )
     assert code == 0, err
