@@ -611,7 +611,7 @@ def test_cli_serve_runs_uvicorn_on_localhost_by_default(mlp_path):
             if proc.poll() is None:
                 proc.kill()
     # uvicorn shuts down gracefully, then re-raises Ctrl+C, which the CLI turns into status 130, no traceback
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
 
 

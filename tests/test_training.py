@@ -299,7 +299,7 @@ def test_a_recipe_fills_what_was_not_given_and_names_its_model():
     assert TrainConfig().resolved().recipe == "mlp"
     assert TrainConfig(model="cnn").resolved().recipe == "cnn"
     best = TrainConfig(recipe="best").resolved()
-    assert best.model_config == {"channels": [32, 64, 128], "convs_per_stage": 2}
+    assert best.model_config == {"channels": [16, 32, 64], "convs_per_stage": 2}
 
 
 @pytest.mark.parametrize(
