@@ -155,7 +155,12 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
                 continue
             # The first k seeds; with --disjoint every disjoint group of k (seeds 0-1, 2-3, ...), for a mean.
             count = len(runs) // k if args.disjoint else 1
-            groups = [evaluate_group(runs[i * k : (i + 1) * k], args.data, args.tta, typical) for i in range(count)]
+            done = {tuple(g["seeds"]): g for g in known_groups(load_book(args.book), recipe, k, args.tta)}
+            groups = []
+            for i in range(count):  # a group already evaluated (same seeds, same TTA) is not evaluated again
+                members = runs[i * k : (i + 1) * k]
+                seeds = tuple(r["seed"] for r in members)
+                groups.append(done.get(seeds) or evaluate_group(members, args.data, args.tta, typical))
             accuracies = [g["test_accuracy"] for g in groups]
             record = {
                 "recipe": recipe,
@@ -176,6 +181,14 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
             update_book(args.book, lambda book, record=record: put_ensemble(book, record))
             shown = " / ".join(f"{a:.2%}" for a in accuracies)
             print(f"{ensemble_name(record)}: {shown}, ece {record['test_ece']:.4f}", flush=True)
+
+
+def known_groups(book: dict[str, Any], recipe: str, k: int, tta: bool) -> list[dict[str, Any]]:
+    """The groups already evaluated for (recipe, k, tta), from an earlier `ensembles` step."""
+    for e in book["ensembles"]:
+        if (e["recipe"], e["members"], bool(e.get("tta"))) == (recipe, k, tta):
+            return e.get("groups") or []
+    return []
 
 
 def put_ensemble(book: dict[str, Any], record: dict[str, Any]) -> None:
