@@ -296,10 +296,13 @@ def plot(table: list[dict[str, Any]], competitors: list[dict[str, Any]], path: P
             r.get("label") or r["name"],
             (r["seconds"], 100 * r["accuracy"]),
             textcoords="offset points",
-            xytext=(6, -3),
+            # TTA points sit just above their plain twins: their labels go above, the others' below
+            xytext=(6, 2) if r["kind"] == "tta" else (6, -2),
+            va="bottom" if r["kind"] == "tta" else "top",
             fontsize=8,
         )
     ax.set_xscale("log")
+    ax.set_xlim(right=4 * max(r["seconds"] for r in [*competitors, *table]))  # room for the last labels
     for i, (name, accuracy) in enumerate(PUBLISHED):
         ax.axhline(100 * accuracy, color="grey", linestyle="--", linewidth=0.8)
         # x in axes fractions, y in data: the label sits at the left end of its line
