@@ -1177,6 +1177,12 @@ def serve(
         )
         import uvicorn
 
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        if server.should_exit:
+            # Stopped by Ctrl+C: uvicorn re-raises the signal once it has shut down, but where SIGINT's
+            # disposition is "ignore" (inherited from a parent) or asyncio swallows it, run() just returns;
+            # raise it here so the CLI exits 130 ("interrupted") either way.
+            raise KeyboardInterrupt
     finally:
         sock.close()
